@@ -1,0 +1,141 @@
+"""``create_app(settings)``: the gateway as one Starlette application.
+
+Nothing happens at import time. The lifespan owns the per-process resources: the shared
+httpx client, the ledger's writer thread and the key store's read connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.auth import AuthMiddleware
+from gateway.db import open_db
+from gateway.errors import GatewayError, MethodNotAllowed, NotFound, error_body
+from gateway.keys import KeyStore, Principal, load_key_secret
+from gateway.ledger import Ledger
+from gateway.proxy import Proxy, RouteSpec
+from gateway.settings import ConfigError, Settings
+from gateway.upstream import build_client
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("gateway")
+
+CHAT = RouteSpec("/chat/completions", needs_model=True, chat=True)
+COMPLETIONS = RouteSpec("/completions", needs_model=True)
+EMBEDDINGS = RouteSpec("/embeddings", needs_model=True)
+MODELS = RouteSpec("/models")
+MODEL = RouteSpec("/models/{model_id}")
+
+# The seed's base path (/v1/openai) and the plain OpenAI one (/v1) are twins.
+PROXY_ROUTES: tuple[tuple[str, RouteSpec, str], ...] = tuple(
+    (prefix + path, spec, method)
+    for prefix in ("/v1/openai", "/v1")
+    for path, spec, method in (
+        ("/chat/completions", CHAT, "POST"),
+        ("/completions", COMPLETIONS, "POST"),
+        ("/embeddings", EMBEDDINGS, "POST"),
+        ("/models", MODELS, "GET"),
+        ("/models/{model_id:path}", MODEL, "GET"),
+    )
+)
+
+
+@dataclass
+class _Holder:
+    """Late-bound resources the lifespan creates and the endpoints use."""
+
+    keys: KeyStore | None = None
+
+    def authenticate(self, key: str) -> Principal | None:
+        assert self.keys is not None, "the app's lifespan has not started"
+        return self.keys.authenticate(key)
+
+
+def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+    """Build the gateway. ``transport`` replaces the network in unit tests (httpx.MockTransport)."""
+    if not settings.upstream_url:
+        raise ConfigError("no upstream configured: set --upstream or GATEWAY_UPSTREAM_URL")
+    holder = _Holder()
+    client = build_client(settings, transport)
+    ledger = Ledger(settings.db)
+    proxy = Proxy(
+        client=client,
+        ledger=ledger,
+        upstream_url=settings.upstream_url,
+        upstream_api_key=settings.upstream_api_key,
+        max_body_bytes=settings.max_body_bytes,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        db = open_db(settings.db)
+        holder.keys = KeyStore(db, load_key_secret(settings))
+        recovered = ledger.recover()
+        if recovered:
+            log.warning("recovered %d request(s) left pending by a previous run (billed as estimates)", recovered)
+        ledger.start()
+        try:
+            yield
+        finally:
+            await ledger.close()
+            await client.aclose()
+            db.conn.close()
+
+    routes = [Route("/healthz", _health, methods=["GET"])]
+    routes += [Route(path, proxy.endpoint(spec), methods=[method]) for path, spec, method in PROXY_ROUTES]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            HTTPException: _http_error,
+            GatewayError: _gateway_error,
+            Exception: _unexpected_error,
+        },
+    )
+    app.add_middleware(AuthMiddleware, authenticate=holder.authenticate)
+    return app
+
+
+async def _health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        err: GatewayError = NotFound(f"No route {request.method} {request.url.path}.")
+    elif exc.status_code == 405:
+        err = MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
+    else:
+        err = GatewayError(str(exc.detail))
+        err.status = exc.status_code
+    return _render(err)
+
+
+async def _gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return _render(exc)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return Response(
+        error_body("The gateway hit an internal error.", "api_error", "internal_error"),
+        status_code=500,
+        media_type="application/json",
+    )
+
+
+def _render(exc: GatewayError) -> Response:
+    return Response(exc.body(), status_code=exc.status, media_type="application/json", headers=exc.headers)

@@ -1,0 +1,260 @@
+"""The ``gateway`` command: parses arguments and turns library errors into clean messages.
+
+The work is done by the library (``gateway.keys``, ``gateway.app``, ...); nothing here is
+needed to use the gateway as a library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from gateway.db import open_db
+from gateway.keys import KeyError_, KeyInfo, KeyStore, load_key_secret
+from gateway.settings import ConfigError, Settings
+
+__all__ = ["main"]
+
+DEMO_KEY_NAME = "demo"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        result: int = args.run(args)
+        return result
+    except ConfigError as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyError_ as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="Usage-metering gateway for LLM function calling.")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    _common(serve)
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    serve.add_argument("--upstream", help="backend base URL, e.g. https://api.deepinfra.com/v1/openai "
+                       "(default: the bundled emulator, for a demo)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    serve.set_defaults(run=_serve)
+
+    keys = sub.add_parser("keys", help="manage customer API keys")
+    keys_sub = keys.add_subparsers(title="keys commands", metavar="ACTION")
+    create = keys_sub.add_parser("create", help="create a key and print its secret once (last line)")
+    _common(create)
+    create.add_argument("--name", required=True, help="customer name, unique")
+    create.add_argument("--json", action="store_true", help="print the key's details as JSON")
+    create.set_defaults(run=_keys_create)
+    list_ = keys_sub.add_parser("list", help="list keys (never their secrets)")
+    _common(list_)
+    list_.add_argument("--json", action="store_true", help="print JSON")
+    list_.set_defaults(run=_keys_list)
+    revoke = keys_sub.add_parser("revoke", help="revoke a key; effective from the next request")
+    _common(revoke)
+    revoke.add_argument("key", metavar="ID", help="key id or name")
+    revoke.add_argument("--json", action="store_true", help="print JSON")
+    revoke.set_defaults(run=_keys_revoke)
+    rotate = keys_sub.add_parser("rotate", help="give a key a new secret (the old one stops working)")
+    _common(rotate)
+    rotate.add_argument("key", metavar="ID", help="key id or name")
+    rotate.add_argument("--json", action="store_true", help="print JSON")
+    rotate.set_defaults(run=_keys_rotate)
+    keys.set_defaults(run=lambda a: _help(keys))
+
+    emulator = sub.add_parser("emulator", help="run the bundled backend emulator")
+    emulator.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
+    emulator.add_argument("--port", type=int, default=9000, help="default 9000")
+    emulator.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
+    emulator.add_argument("--token-latency", type=float, default=0.0, help="seconds between streamed tokens")
+    emulator.set_defaults(run=_emulator)
+    return parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", help="SQLite file (default gateway.db; env GATEWAY_DB)")
+    p.add_argument("--config", help="TOML settings file (env GATEWAY_CONFIG)")
+
+
+def _help(p: argparse.ArgumentParser) -> int:
+    p.print_help()
+    return 2
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+    return Settings.load(config_file=args.config, overrides={"db": args.db, **overrides})
+
+
+def _store(settings: Settings) -> KeyStore:
+    return KeyStore(open_db(settings.db), load_key_secret(settings))
+
+
+def _print_key(info: KeyInfo, secret: str, as_json: bool, verb: str) -> None:
+    if as_json:
+        print(json.dumps({**info.as_dict(), "key": secret}))
+        return
+    print(f"{verb} key {info.id} ({info.name}). Keep the secret now: it is not shown again.")
+    print(secret)
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    info, secret = _store(_settings(args)).create(args.name)
+    _print_key(info, secret, args.json, "Created")
+    return 0
+
+
+def _keys_rotate(args: argparse.Namespace) -> int:
+    info, secret = _store(_settings(args)).rotate(args.key)
+    _print_key(info, secret, args.json, "Rotated")
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    keys = _store(_settings(args)).list()
+    if args.json:
+        print(json.dumps([k.as_dict() for k in keys]))
+        return 0
+    if not keys:
+        print("No keys yet: create one with `gateway keys create --name NAME`.")
+        return 0
+    print(f"{'ID':>4}  {'NAME':<24} {'PREFIX':<11} {'STATUS':<8} CREATED (UTC)")
+    for k in keys:
+        status = "active" if k.active else "revoked"
+        print(f"{k.id:>4}  {k.name:<24} {k.prefix:<11} {status:<8} {_utc(k.created_at)}")
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    info = _store(_settings(args)).revoke(args.key)
+    if args.json:
+        print(json.dumps(info.as_dict()))
+    else:
+        print(f"Revoked key {info.id} ({info.name}); it is refused from the next request on.")
+    return 0
+
+
+def _utc(ts: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    settings = _settings(
+        args, host=args.host, port=args.port, upstream_url=args.upstream, log_level=args.log_level
+    )
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    demo = not settings.upstream_url
+    if demo:
+        port = _start_emulator_thread(settings.emulator_latency)
+        settings = dataclasses.replace(settings, upstream_url=f"http://127.0.0.1:{port}/v1/openai")
+        _print_demo(settings)
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        server_header=False,
+        **_fast_server(),
+    )
+    return 0
+
+
+def _fast_server() -> dict[str, str]:
+    """uvloop and httptools when installed: the cheapest event loop and HTTP parser uvicorn has."""
+    options: dict[str, str] = {}
+    try:
+        import uvloop  # noqa: F401
+
+        options["loop"] = "uvloop"
+    except ImportError:
+        pass
+    try:
+        import httptools  # noqa: F401
+
+        options["http"] = "httptools"
+    except ImportError:
+        pass
+    return options
+
+
+def _start_emulator_thread(latency: float) -> int:
+    """Run the emulator on a free loopback port in a daemon thread; return the port."""
+    import uvicorn
+
+    from gateway.emulator.app import create_emulator_app
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port: int = sock.getsockname()[1]
+    config = uvicorn.Config(create_emulator_app(latency=latency), log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="emulator", daemon=True).start()
+    return port
+
+
+def _print_demo(settings: Settings) -> None:
+    store = _store(settings)
+    try:
+        _, secret = store.rotate(DEMO_KEY_NAME)
+    except KeyError_:
+        _, secret = store.create(DEMO_KEY_NAME)
+    base = f"http://{settings.host}:{settings.port}/v1/openai"
+    print(
+        f"""
+No upstream configured: serving the bundled backend emulator (demo mode).
+Ledger: {settings.db}
+Demo key (rotated at every demo start): {secret}
+
+Try it, from another terminal:
+  curl -s {base}/chat/completions -H "Authorization: Bearer {secret}" \\
+    -H "Content-Type: application/json" \\
+    -d '{{"model": "mistralai/Mistral-7B-Instruct-v0.1", "tool_choice": "auto",
+         "messages": [{{"role": "user", "content": "What is the weather in San Francisco?"}}],
+         "tools": [{{"type": "function", "function": {{"name": "get_current_weather",
+           "description": "Get the current weather in a given location",
+           "parameters": {{"type": "object", "properties": {{"location": {{"type": "string"}}}},
+                          "required": ["location"]}}}}}}]}}'
+""",
+        flush=True,
+    )
+
+
+def _emulator(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.emulator.app import create_emulator_app
+
+    app = create_emulator_app(latency=args.latency, token_latency=args.token_latency)
+    print(f"Emulated backend on http://{args.host}:{args.port}/v1/openai", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, **_fast_server())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""The SQLite file: opening it the same way everywhere, and its schema migrations.
+
+WAL with ``synchronous=NORMAL``: a commit survives the process being killed (it is in the
+WAL file before ``commit()`` returns), readers never wait for the writer, and commits do not
+fsync one by one. A power cut may lose the last commits; a SIGKILL loses nothing.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import sqlite_utils
+
+__all__ = ["SCHEMA_VERSION", "open_db"]
+
+# Each entry moves the schema one version up; never edit an entry that has shipped.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE keys (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            prefix TEXT NOT NULL,
+            hash TEXT NOT NULL UNIQUE,
+            created_at REAL NOT NULL,
+            revoked_at REAL
+        )""",
+        """CREATE TABLE requests (
+            id TEXT PRIMARY KEY,
+            key_id INTEGER NOT NULL REFERENCES keys(id),
+            model TEXT,
+            route TEXT NOT NULL,
+            stream INTEGER NOT NULL DEFAULT 0,
+            state TEXT NOT NULL,
+            status INTEGER,
+            started_at REAL NOT NULL,
+            upstream_ms REAL,
+            first_byte_ms REAL,
+            duration_ms REAL,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            tool_tokens INTEGER,
+            estimated INTEGER NOT NULL DEFAULT 0,
+            error TEXT
+        )""",
+        "CREATE INDEX requests_key_time ON requests(key_id, started_at)",
+        "CREATE INDEX requests_pending ON requests(state) WHERE state = 'pending'",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def open_db(path: str, *, migrate: bool = True, check_same_thread: bool = True) -> sqlite_utils.Database:
+    """Open (creating if needed) the gateway's database with the pragmas every connection needs."""
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, check_same_thread=check_same_thread, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    db = sqlite_utils.Database(conn)
+    if path != ":memory:":
+        db.enable_wal()
+    if migrate:
+        _migrate(conn)
+    return db
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"database schema version {version} is newer than this gateway's ({SCHEMA_VERSION})"
+            )
+        for statements in MIGRATIONS[version:]:
+            for sql in statements:
+                conn.execute(sql)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise

@@ -1,0 +1,117 @@
+"""The gateway's one error hierarchy, rendered OpenAI-shaped in one place.
+
+    GatewayError                    (500, "api_error")
+    ├── InvalidRequest              (400, "invalid_request_error")
+    │   ├── NotFound                (404)
+    │   ├── MethodNotAllowed        (405)
+    │   ├── PayloadTooLarge         (413)
+    │   └── UnsupportedMediaType    (415)
+    ├── AuthenticationFailed        (401, "authentication_error")
+    ├── PermissionDenied            (403, "permission_error")
+    └── UpstreamError               (502, "upstream_error")
+        └── UpstreamTimeout         (504)
+
+Every response the gateway itself produces for a failure is
+`{"error": {"message", "type", "code"}}`; errors the backend returns pass
+through untouched instead (they are the backend's words, not ours).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = [
+    "AuthenticationFailed",
+    "GatewayError",
+    "InvalidRequest",
+    "MethodNotAllowed",
+    "NotFound",
+    "PayloadTooLarge",
+    "PermissionDenied",
+    "UnsupportedMediaType",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "error_body",
+]
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "api_error"
+    code: str | None = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class NotFound(InvalidRequest):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(InvalidRequest):
+    status = 405
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(InvalidRequest):
+    status = 413
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "upstream_error"
+    code = "bad_gateway"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    """Serialize an OpenAI-shaped error body."""
+    error: dict[str, Any] = {"message": message, "type": type_, "code": code}
+    if param is not None:
+        error["param"] = param
+    return json.dumps({"error": error}).encode()

@@ -1,0 +1,191 @@
+"""The durable usage ledger: one row per request that reaches the backend.
+
+Life of a row: ``pending`` is written and committed *before* the request is forwarded, so a
+request the backend may serve is on disk even if the gateway is killed a moment later; it is
+``settled`` with the backend's usage afterwards; rows still pending when a gateway starts are
+marked ``recovered`` (billed as estimates) by :meth:`Ledger.recover`.
+
+All writes go through one writer thread that commits in batches (group commit): the event
+loop never touches the disk for a write, and a burst of requests shares one commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.db import open_db
+
+__all__ = ["Ledger", "PendingRow", "Settlement"]
+
+log = logging.getLogger("gateway.ledger")
+
+MAX_BATCH = 1024
+_STOP = object()
+
+
+@dataclass(slots=True)
+class PendingRow:
+    id: str
+    key_id: int
+    model: str | None
+    route: str
+    stream: bool
+    started_at: float
+
+
+@dataclass(slots=True)
+class Settlement:
+    id: str
+    status: int
+    upstream_ms: float | None = None
+    first_byte_ms: float | None = None
+    duration_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    tool_tokens: int | None = None
+    estimated: bool = False
+    error: str | None = None
+
+
+_INSERT = (
+    "INSERT INTO requests (id, key_id, model, route, stream, state, started_at) "
+    "VALUES (?, ?, ?, ?, ?, 'pending', ?)"
+)
+_SETTLE = (
+    "UPDATE requests SET state = 'settled', status = ?, upstream_ms = ?, first_byte_ms = ?, "
+    "duration_ms = ?, prompt_tokens = ?, completion_tokens = ?, tool_tokens = ?, estimated = ?, "
+    "error = ? WHERE id = ?"
+)
+
+
+class Ledger:
+    """Owns the writer thread. Use :meth:`start` / :meth:`close` (the app's lifespan does)."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        on_commit: Callable[[float, int], None] | None = None,
+    ) -> None:
+        self._path = path
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._on_commit = on_commit
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def recover(self) -> int:
+        """Mark rows left pending by a previous process as recovered estimates; returns how many."""
+        db = open_db(self._path)
+        try:
+            cursor = db.execute(
+                "UPDATE requests SET state = 'recovered', estimated = 1, "
+                "error = 'gateway stopped before the request settled' WHERE state = 'pending'"
+            )
+            return cursor.rowcount
+        finally:
+            db.conn.close()
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        db = open_db(self._path, check_same_thread=False)
+        self._thread = threading.Thread(target=self._run, args=(db,), name="ledger-writer", daemon=True)
+        self._thread.start()
+
+    async def pending(self, row: PendingRow) -> None:
+        """Write the pending row and wait until it is committed."""
+        assert self._loop is not None, "Ledger.start() was not called"
+        future: asyncio.Future[None] = self._loop.create_future()
+        params = (row.id, row.key_id, row.model, row.route, int(row.stream), row.started_at)
+        self._queue.put((_INSERT, params, future))
+        await future
+
+    def settle(self, s: Settlement) -> None:
+        """Queue the settlement; never blocks and never raises (safe in ``finally`` and on cancel)."""
+        params = (
+            s.status,
+            s.upstream_ms,
+            s.first_byte_ms,
+            s.duration_ms,
+            s.prompt_tokens,
+            s.completion_tokens,
+            s.tool_tokens,
+            int(s.estimated),
+            s.error,
+            s.id,
+        )
+        self._queue.put((_SETTLE, params, None))
+
+    async def close(self) -> None:
+        """Commit everything queued, then stop the writer."""
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    def _run(self, db: Any) -> None:
+        conn = db.conn
+        stop = False
+        while not stop:
+            batch = [self._queue.get()]
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if batch[-1] is _STOP or _STOP in batch:
+                stop = True
+                batch = [op for op in batch if op is not _STOP]
+            if batch:
+                self._write(conn, batch)
+        conn.close()
+
+    def _write(self, conn: Any, batch: list[tuple[str, tuple[Any, ...], asyncio.Future[None] | None]]) -> None:
+        t0 = time.perf_counter()
+        try:
+            conn.execute("BEGIN")
+            for sql, params, _ in batch:
+                conn.execute(sql, params)
+            conn.execute("COMMIT")
+            errors: dict[int, BaseException] = {}
+        except Exception:
+            conn.execute("ROLLBACK")
+            # One bad operation must not sink its neighbours: retry them one by one.
+            errors = {}
+            for i, (sql, params, _) in enumerate(batch):
+                try:
+                    conn.execute(sql, params)
+                except Exception as exc:
+                    log.error("ledger write failed: %s (%s)", exc, params)
+                    errors[i] = exc
+        if self._on_commit is not None:
+            self._on_commit(time.perf_counter() - t0, len(batch))
+        loop = self._loop
+        assert loop is not None
+        for i, (_, _, future) in enumerate(batch):
+            if future is not None:
+                exc = errors.get(i)
+                try:
+                    loop.call_soon_threadsafe(_resolve, future, exc)
+                except RuntimeError:  # loop already closed: nobody is waiting any more
+                    pass
+
+
+def _resolve(future: asyncio.Future[None], exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is None:
+        future.set_result(None)
+    else:
+        future.set_exception(exc)

@@ -1,0 +1,316 @@
+"""Forwarding customer requests to the backend, metering each one into the ledger.
+
+A proxied request: read and check the body -> pending ledger row (committed) -> forward ->
+relay the answer (whole, or event by event for streams) -> settle the row with the backend's
+usage. Settlement runs in ``finally``: whatever goes wrong after the pending row, the row is
+settled (or, if the process dies, recovered at the next start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from starlette.types import Receive, Scope, Send
+
+from gateway.asgi import ClientGone, header, read_body, send_error
+from gateway.auth import PRINCIPAL
+from gateway.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamTimeout
+from gateway.keys import Principal
+from gateway.ledger import Ledger, PendingRow, Settlement
+from gateway.sse import StreamMeter
+from gateway.upstream import request_headers, response_headers
+
+__all__ = ["REQUEST_ID_HEADER", "Proxy"]
+
+log = logging.getLogger("gateway.proxy")
+
+REQUEST_ID_HEADER = b"x-gateway-request-id"
+CLIENT_CLOSED = 499  # nginx's convention: the client went away before the answer was complete
+CONNECT_RETRIES = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """What the gateway knows about one proxied route."""
+
+    upstream_path: str  # appended to the upstream base URL
+    needs_model: bool = False
+    chat: bool = False
+
+
+class Proxy:
+    """The ASGI endpoint for every proxied route; one instance per app."""
+
+    def __init__(
+        self,
+        *,
+        client: httpx.AsyncClient,
+        ledger: Ledger,
+        upstream_url: str,
+        upstream_api_key: str | None,
+        max_body_bytes: int,
+    ) -> None:
+        self.client = client
+        self.ledger = ledger
+        self.base = upstream_url.rstrip("/")
+        self.api_key = upstream_api_key
+        self.max_body_bytes = max_body_bytes
+
+    def endpoint(self, spec: RouteSpec) -> _Endpoint:
+        return _Endpoint(self, spec)
+
+    async def handle(self, spec: RouteSpec, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = "req_" + os.urandom(12).hex()
+        id_header = (REQUEST_ID_HEADER, request_id.encode())
+        try:
+            await self._handle(spec, request_id, id_header, scope, receive, send)
+        except ClientGone:
+            return
+        except GatewayError as exc:
+            await send_error(send, exc, [id_header])
+
+    async def _handle(
+        self,
+        spec: RouteSpec,
+        request_id: str,
+        id_header: tuple[bytes, bytes],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        principal: Principal = scope[PRINCIPAL]
+        t0 = time.perf_counter()
+        started_at = time.time()
+        method: str = scope["method"]
+        body = b""
+        model: str | None = None
+        stream = strip_usage = False
+        if method == "POST":
+            body = await read_body(receive, self.max_body_bytes, header(scope, b"content-length"))
+            payload = parse_object(body)
+            model = _model(payload, required=spec.needs_model)
+            stream = _stream_flag(payload)
+            if stream and spec.chat:
+                body, strip_usage = _ask_for_stream_usage(payload, body)
+        path = self.base + spec.upstream_path.format(**scope.get("path_params", {}))
+        query = scope.get("query_string", b"")
+        url = path + "?" + query.decode("latin-1") if query else path
+        upstream_request = self.client.build_request(
+            method, url, headers=request_headers(scope["headers"], self.api_key), content=body or None
+        )
+
+        await self.ledger.pending(
+            PendingRow(request_id, principal.key_id, model, spec.upstream_path, stream, started_at)
+        )
+        settlement = Settlement(request_id, status=0)
+        try:
+            response = await self._send(upstream_request, settlement)
+            settlement.upstream_ms = (time.perf_counter() - t0) * 1000
+            headers = [*response_headers(response.headers), id_header]
+            if response.headers.get("content-type", "").startswith("text/event-stream"):
+                await self._relay_stream(response, headers, settlement, strip_usage, t0, receive, send)
+            else:
+                await self._relay_whole(response, headers, settlement, send)
+        except GatewayError as exc:
+            settlement.status = exc.status
+            settlement.error = exc.message
+            raise
+        except BaseException as exc:
+            settlement.status = settlement.status or CLIENT_CLOSED
+            settlement.error = settlement.error or f"interrupted: {type(exc).__name__}"
+            raise
+        finally:
+            settlement.duration_ms = (time.perf_counter() - t0) * 1000
+            self.ledger.settle(settlement)
+
+    async def _send(self, request: httpx.Request, settlement: Settlement) -> httpx.Response:
+        for attempt in range(CONNECT_RETRIES + 1):
+            try:
+                return await self.client.send(request, stream=True)
+            except httpx.ConnectError as exc:
+                # Nothing reached the backend: the one failure that is always safe to retry.
+                if attempt == CONNECT_RETRIES:
+                    raise UpstreamError(
+                        "The backend is unreachable (connection refused or failed).",
+                        code="upstream_unreachable",
+                    ) from exc
+            except httpx.TimeoutException as exc:
+                raise UpstreamTimeout(
+                    f"The backend did not answer in time ({type(exc).__name__}).", code="upstream_timeout"
+                ) from exc
+            except httpx.HTTPError as exc:
+                raise UpstreamError(
+                    f"The backend connection failed ({type(exc).__name__}).", code="upstream_error"
+                ) from exc
+        raise AssertionError("unreachable")
+
+    async def _relay_whole(
+        self,
+        response: httpx.Response,
+        headers: list[tuple[bytes, bytes]],
+        settlement: Settlement,
+        send: Send,
+    ) -> None:
+        try:
+            content = await response.aread()
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout("The backend did not finish its answer in time.") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"The backend broke off its answer ({type(exc).__name__}).") from exc
+        finally:
+            await response.aclose()
+        settlement.status = response.status_code
+        if response.is_success:
+            usage = _usage_of(content, response.headers.get("content-type", ""))
+            if usage is None and "json" in response.headers.get("content-type", ""):
+                raise UpstreamError("The backend returned a malformed response.", code="upstream_malformed")
+            if usage:
+                settlement.prompt_tokens = _int(usage.get("prompt_tokens"))
+                settlement.completion_tokens = _int(usage.get("completion_tokens"))
+        else:
+            settlement.error = f"backend status {response.status_code}"
+        headers.append((b"content-length", str(len(content)).encode()))
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+
+    async def _relay_stream(
+        self,
+        response: httpx.Response,
+        headers: list[tuple[bytes, bytes]],
+        settlement: Settlement,
+        strip_usage: bool,
+        t0: float,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        settlement.status = response.status_code
+        meter = StreamMeter(strip_usage_chunk=strip_usage)
+        relay = asyncio.current_task()
+        assert relay is not None
+        gone = False
+
+        async def watch_disconnect() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            relay.cancel()
+
+        watcher = asyncio.create_task(watch_disconnect())
+        try:
+            await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+            async for chunk in response.aiter_raw():
+                out = meter.feed(chunk)
+                if out:
+                    if settlement.first_byte_ms is None:
+                        settlement.first_byte_ms = (time.perf_counter() - t0) * 1000
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+            await send({"type": "http.response.body", "body": meter.flush()})
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            relay.uncancel()
+            settlement.status = CLIENT_CLOSED
+            settlement.error = "client disconnected during the stream"
+        except httpx.HTTPError as exc:
+            # Headers are out: the client sees a truncated stream; the ledger says why.
+            settlement.error = f"backend stream broke off ({type(exc).__name__})"
+        finally:
+            watcher.cancel()
+            await response.aclose()
+            _settle_stream(settlement, meter)
+
+
+class _Endpoint:
+    """Adapts one route to the ASGI signature Starlette's router calls."""
+
+    def __init__(self, proxy: Proxy, spec: RouteSpec) -> None:
+        self.proxy = proxy
+        self.spec = spec
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.proxy.handle(self.spec, scope, receive, send)
+
+
+def parse_object(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    if not body:
+        raise InvalidRequest("The request body is empty; expected a JSON object.", code="invalid_json")
+    try:
+        payload = json.loads(body)
+    except UnicodeDecodeError:
+        raise InvalidRequest("The request body is not valid UTF-8.", code="invalid_encoding") from None
+    except ValueError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest(
+            f"The request body must be a JSON object, not {type(payload).__name__}.", code="invalid_json"
+        )
+    return payload
+
+
+def _model(payload: dict[str, Any], *, required: bool) -> str | None:
+    model = payload.get("model")
+    if model is None and not required:
+        return None
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' is required and must be a non-empty string.", param="model")
+    return model
+
+
+def _stream_flag(payload: dict[str, Any]) -> bool:
+    stream = payload.get("stream", False)
+    if stream is None:
+        return False
+    if not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean.", param="stream")
+    return stream
+
+
+def _ask_for_stream_usage(payload: dict[str, Any], body: bytes) -> tuple[bytes, bool]:
+    """Make the backend report usage at the end of a stream; True if the client did not ask."""
+    options = payload.get("stream_options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
+    if options.get("include_usage") is True:
+        return body, False
+    payload["stream_options"] = {**options, "include_usage": True}
+    return json.dumps(payload, ensure_ascii=False).encode(), True
+
+
+def _usage_of(content: bytes, content_type: str) -> dict[str, Any] | None:
+    """The answer's usage object; {} for a JSON answer without usage; None if not JSON at all."""
+    if "json" not in content_type:
+        return {}
+    try:
+        obj = json.loads(content)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    usage = obj.get("usage")
+    return usage if isinstance(usage, dict) else {}
+
+
+def _settle_stream(settlement: Settlement, meter: StreamMeter) -> None:
+    usage = meter.usage
+    if usage is not None:
+        settlement.prompt_tokens = _int(usage.get("prompt_tokens"))
+        settlement.completion_tokens = _int(usage.get("completion_tokens"))
+    elif meter.events:
+        # No usage arrived (cut short, or a backend that never sends it): an estimate, marked so.
+        settlement.completion_tokens = meter.events
+        settlement.estimated = True
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None

@@ -1,0 +1,119 @@
+"""Typed settings, built once from defaults < TOML file < environment < command line.
+
+Every field can be set in the TOML file under its own name, and in the environment as
+``GATEWAY_<NAME>`` (upper case), e.g. ``upstream_url`` / ``GATEWAY_UPSTREAM_URL``.
+
+>>> s = Settings.load(env={"GATEWAY_DB": "x.db"})
+>>> s.db
+'x.db'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConfigError", "Settings"]
+
+DEFAULT_DB = "gateway.db"
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+ENV_PREFIX = "GATEWAY_"
+
+
+class ConfigError(Exception):
+    """A setting is missing, unknown or malformed; the message says which."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Base URL of the backend's OpenAI-compatible API, e.g. https://api.deepinfra.com/v1/openai.
+    # Client paths below /v1/openai or /v1 are appended to it. None: the bundled emulator.
+    upstream_url: str | None = None
+    # The operator's own credential for the backend; replaces the customer's key upstream.
+    upstream_api_key: str | None = field(default=None, repr=False)
+    db: str = DEFAULT_DB
+    # Reserved for the admin API; the admin API is off while it is unset.
+    admin_token: str | None = field(default=None, repr=False)
+    # Server secret for the keyed hash of API keys. Unset: kept in a file beside the database.
+    key_secret: str | None = field(default=None, repr=False)
+    connect_timeout: float = 5.0
+    # LLM answers are slow: a long read timeout, but never an unbounded one.
+    read_timeout: float = 600.0
+    write_timeout: float = 60.0
+    pool_timeout: float = 30.0
+    max_connections: int = 512
+    max_keepalive_connections: int = 128
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Latency the embedded demo emulator adds per answer (only used without upstream_url).
+    emulator_latency: float = 0.0
+    log_level: str = "info"
+    config_file: str | None = None
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        config_file: str | None = None,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Settings:
+        """Build settings: defaults, then the TOML file, then the environment, then overrides."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        config_file = config_file or env.get(ENV_PREFIX + "CONFIG")
+        if config_file:
+            values.update(_read_toml(config_file))
+            values["config_file"] = config_file
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name in fields:
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is not None and raw != "":
+                values[name] = raw
+        for name, value in (overrides or {}).items():
+            if value is not None:
+                values[name] = value
+        return cls(**{name: _coerce(name, fields[name].type, value) for name, value in values.items()})
+
+    @property
+    def key_secret_file(self) -> Path:
+        return Path(self.db + ".secret")
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    known = {f.name for f in dataclasses.fields(Settings)} - {"config_file"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in {path}: {', '.join(unknown)}")
+    return data
+
+
+def _coerce(name: str, annotation: Any, value: Any) -> Any:
+    kind = str(annotation)
+    try:
+        if kind.startswith("int"):
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("bool"):
+            if isinstance(value, str):
+                return value.strip().lower() in {"1", "true", "yes", "on"}
+            return bool(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name!r}: {value!r} is not a valid {kind.split()[0]}") from None
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"setting {name!r}: expected a string, got {value!r}")
+    return value
