@@ -83,7 +83,9 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         holder.keys = KeyStore(db, load_key_secret(settings))
         recovered = ledger.recover()
         if recovered:
-            log.warning("recovered %d request(s) left pending by a previous run (billed as estimates)", recovered)
+            log.warning(
+                "recovered %d request(s) left pending by a previous run (billed as estimates)", recovered
+            )
         ledger.start()
         try:
             yield

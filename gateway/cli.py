@@ -45,15 +45,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateway", description="Usage-metering gateway for LLM function calling.")
+    parser = argparse.ArgumentParser(
+        prog="gateway", description="Usage-metering gateway for LLM function calling."
+    )
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the gateway")
     _common(serve)
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
-    serve.add_argument("--upstream", help="backend base URL, e.g. https://api.deepinfra.com/v1/openai "
-                       "(default: the bundled emulator, for a demo)")
+    serve.add_argument(
+        "--upstream",
+        help="backend base URL, e.g. https://api.deepinfra.com/v1/openai "
+        "(default: the bundled emulator, for a demo)",
+    )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     serve.set_defaults(run=_serve)
 
@@ -165,7 +170,9 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings(
         args, host=args.host, port=args.port, upstream_url=args.upstream, log_level=args.log_level
     )
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     demo = not settings.upstream_url
     if demo:
         port = _start_emulator_thread(settings.emulator_latency)
@@ -184,9 +191,9 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fast_server() -> dict[str, str]:
+def _fast_server() -> dict[str, Any]:
     """uvloop and httptools when installed: the cheapest event loop and HTTP parser uvicorn has."""
-    options: dict[str, str] = {}
+    options: dict[str, Any] = {}
     try:
         import uvloop  # noqa: F401
 

@@ -12,6 +12,7 @@ loop never touches the disk for a write, and a burst of requests shares one comm
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -151,7 +152,9 @@ class Ledger:
                 self._write(conn, batch)
         conn.close()
 
-    def _write(self, conn: Any, batch: list[tuple[str, tuple[Any, ...], asyncio.Future[None] | None]]) -> None:
+    def _write(
+        self, conn: Any, batch: list[tuple[str, tuple[Any, ...], asyncio.Future[None] | None]]
+    ) -> None:
         t0 = time.perf_counter()
         try:
             conn.execute("BEGIN")
@@ -166,20 +169,18 @@ class Ledger:
             for i, (sql, params, _) in enumerate(batch):
                 try:
                     conn.execute(sql, params)
-                except Exception as exc:
-                    log.error("ledger write failed: %s (%s)", exc, params)
-                    errors[i] = exc
+                except Exception as err:
+                    log.error("ledger write failed: %s (%s)", err, params)
+                    errors[i] = err
         if self._on_commit is not None:
             self._on_commit(time.perf_counter() - t0, len(batch))
         loop = self._loop
         assert loop is not None
         for i, (_, _, future) in enumerate(batch):
             if future is not None:
-                exc = errors.get(i)
-                try:
-                    loop.call_soon_threadsafe(_resolve, future, exc)
-                except RuntimeError:  # loop already closed: nobody is waiting any more
-                    pass
+                # A closed loop means nobody is waiting any more.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_resolve, future, errors.get(i))
 
 
 def _resolve(future: asyncio.Future[None], exc: BaseException | None) -> None:

@@ -206,7 +206,7 @@ class Proxy:
         watcher = asyncio.create_task(watch_disconnect())
         try:
             await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-            async for chunk in response.aiter_raw():
+            async for chunk in response.aiter_bytes():
                 out = meter.feed(chunk)
                 if out:
                     if settlement.first_byte_ms is None:

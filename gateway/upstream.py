@@ -12,17 +12,43 @@ __all__ = ["build_client", "request_headers", "response_headers"]
 # from the client are not trusted: the gateway is the client of the backend.
 _DROP_REQUEST = frozenset(
     {
-        b"host", b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
-        b"te", b"trailer", b"transfer-encoding", b"upgrade", b"content-length", b"authorization",
-        b"accept-encoding", b"cookie", b"forwarded", b"x-forwarded-for", b"x-forwarded-host",
-        b"x-forwarded-proto", b"x-real-ip", b"expect",
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"authorization",
+        b"accept-encoding",
+        b"cookie",
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        b"x-real-ip",
+        b"expect",
     }
 )
 _DROP_RESPONSE = frozenset(
     {
-        b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
-        b"trailer", b"transfer-encoding", b"upgrade", b"content-length", b"content-encoding",
-        b"date", b"server", b"set-cookie", b"alt-svc",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"content-encoding",
+        b"date",
+        b"server",
+        b"set-cookie",
+        b"alt-svc",
     }
 )
 
@@ -47,7 +73,9 @@ def build_client(settings: Settings, transport: httpx.AsyncBaseTransport | None 
     )
 
 
-def request_headers(client_headers: list[tuple[bytes, bytes]], api_key: str | None) -> list[tuple[bytes, bytes]]:
+def request_headers(
+    client_headers: list[tuple[bytes, bytes]], api_key: str | None
+) -> list[tuple[bytes, bytes]]:
     headers = [(k, v) for k, v in client_headers if k not in _DROP_REQUEST]
     # Identity encoding: the gateway reads usage out of every answer, and streams must not wait
     # for a compressor's buffer.

@@ -48,7 +48,9 @@ def answer(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, t
     if tools and tool_choice != "none":
         tool = _choose(tools, user)
         return Answer(tool_calls=_calls(tool, user, messages))
-    return Answer(content=f"You asked: {user.strip()} Here is a short, deterministic answer." if user else "Hello.")
+    return Answer(
+        content=f"You asked: {user.strip()} Here is a short, deterministic answer." if user else "Hello."
+    )
 
 
 def _last_user_text(messages: list[dict[str, Any]]) -> str:

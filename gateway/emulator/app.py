@@ -76,21 +76,31 @@ class Emulator:
         model = self.model(payload)
         messages = payload.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise _Error(400, "'messages' must be a non-empty array of objects.", "invalid_messages", "messages")
+            raise _Error(
+                400, "'messages' must be a non-empty array of objects.", "invalid_messages", "messages"
+            )
         tools = payload.get("tools") or None
         if tools is not None and not isinstance(tools, list):
             raise _Error(400, "'tools' must be an array.", "invalid_tools", "tools")
         tool_choice = payload.get("tool_choice", "auto")
         if tools and tool_choice not in ("auto", "none"):
-            raise _Error(400, "tool_choice supports only 'auto' or 'none'.", "unsupported_tool_choice", "tool_choice")
+            raise _Error(
+                400, "tool_choice supports only 'auto' or 'none'.", "unsupported_tool_choice", "tool_choice"
+            )
         stream = payload.get("stream") is True
         if stream and tools:
-            raise _Error(400, "Streaming is not supported with function calling.", "stream_with_tools", "stream")
+            raise _Error(
+                400, "Streaming is not supported with function calling.", "stream_with_tools", "stream"
+            )
         prompt = self.prompt_tokens(model, messages, tools)
         result = answer(messages, tools, str(tool_choice))
         max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
         pieces, finish = _generate(model, result, max_tokens if isinstance(max_tokens, int) else None)
-        usage = {"prompt_tokens": prompt, "completion_tokens": len(pieces), "total_tokens": prompt + len(pieces)}
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": len(pieces),
+            "total_tokens": prompt + len(pieces),
+        }
         if request.headers.get("x-emulator-no-usage"):
             usage = {}
         rid = "chatcmpl-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
@@ -100,7 +110,10 @@ class Emulator:
                 self._stream(rid, model.id, pieces, finish, usage if options.get("include_usage") else None),
                 media_type="text/event-stream",
             )
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces) if result.content else None}
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": "".join(pieces) if result.content else None,
+        }
         if result.tool_calls:
             message["tool_calls"] = [
                 {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
@@ -124,8 +137,13 @@ class Emulator:
 
         def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [choice]}
+            obj = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [choice],
+            }
             return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
         yield chunk({"role": "assistant", "content": ""})
@@ -135,8 +153,14 @@ class Emulator:
             yield chunk({"content": piece})
         yield chunk({}, finish)
         if usage:
-            obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [], "usage": usage}
+            obj = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": usage,
+            }
             yield b"data: " + json.dumps(obj).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
 
@@ -149,15 +173,20 @@ class Emulator:
         prompt_tokens = 1 + len(model.encode_text(prompt))
         text = " and so the story goes on."
         completion = len(model.encode_text(text))
-        return JSONResponse({
-            "id": "cmpl-" + hashlib.sha256(prompt.encode()).hexdigest()[:24],
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": model.id,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                      "total_tokens": prompt_tokens + completion},
-        })
+        return JSONResponse(
+            {
+                "id": "cmpl-" + hashlib.sha256(prompt.encode()).hexdigest()[:24],
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model.id,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt_tokens + completion,
+                },
+            }
+        )
 
     async def embeddings(self, request: Request) -> Response:
         payload = await _hooks_and_body(request, self.latency)
@@ -171,15 +200,21 @@ class Emulator:
             tokens += len(model.encode_text(text))
             digest = hashlib.sha256(text.encode()).digest()
             data.append({"object": "embedding", "index": i, "embedding": [b / 255 for b in digest[:16]]})
-        return JSONResponse({
-            "object": "list", "data": data, "model": model.id,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        })
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": data,
+                "model": model.id,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
 
     async def models(self, request: Request) -> Response:
         created = 1700000000
-        data = [{"id": m, "object": "model", "created": created, "owned_by": m.split("/")[0]}
-                for m in EMULATED_MODELS]
+        data = [
+            {"id": m, "object": "model", "created": created, "owned_by": m.split("/")[0]}
+            for m in EMULATED_MODELS
+        ]
         return JSONResponse({"object": "list", "data": data})
 
 
@@ -232,7 +267,7 @@ def _generate(model: EmulatedModel, result: Answer, max_tokens: int | None) -> t
         text = "[TOOL_CALLS] " + json.dumps(calls, ensure_ascii=False)
     else:
         text = result.content or ""
-    tokens = model.encode_text(text) + [model.raw.eos_id]
+    tokens = [*model.encode_text(text), model.raw.eos_id]
     finish = result.finish_reason
     if max_tokens is not None and len(tokens) > max_tokens:
         tokens, finish = tokens[:max_tokens], "length"
@@ -247,7 +282,7 @@ def _exact_pieces(text: str, tokens: list[int], model: EmulatedModel, pieces: li
     out, done = [], ""
     for i in range(1, len(tokens) + 1):
         prefix = str(model.raw.decode([t for t in tokens[:i] if t != model.raw.eos_id]))
-        out.append(prefix[len(done):])
+        out.append(prefix[len(done) :])
         done = prefix
     if "".join(out) != text[: len(done)]:
         return pieces

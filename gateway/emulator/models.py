@@ -86,7 +86,9 @@ class EmulatedModel:
                 first_user = False
                 prefix = ""
                 if tools and i == last_user:
-                    prefix = "[AVAILABLE_TOOLS] " + json.dumps(tools, ensure_ascii=False) + " [/AVAILABLE_TOOLS]"
+                    prefix = (
+                        "[AVAILABLE_TOOLS] " + json.dumps(tools, ensure_ascii=False) + " [/AVAILABLE_TOOLS]"
+                    )
                 total += len(tok.encode(prefix + "[INST] " + text + " [/INST]", bos=False, eos=False))
             elif role == "assistant":
                 calls = m.get("tool_calls") or []

@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.app import create_app
+from gateway.db import open_db
+from gateway.emulator.app import create_emulator_app
+from gateway.keys import KeyStore, load_key_secret
+from gateway.settings import Settings
+from tests.servers import ServerThread
+
+SEED_MODEL = "mistralai/Mistral-7B-Instruct-v0.1"
+SEED_TOOLS: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_current_weather",
+            "description": "Get the current weather in a given location",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "location": {
+                        "type": "string",
+                        "description": "The city and state, e.g. San Francisco, CA",
+                    }
+                },
+                "required": ["location"],
+            },
+        },
+    }
+]
+SEED_MESSAGES: list[dict[str, Any]] = [{"role": "user", "content": "What is the weather in San Francisco?"}]
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "seal_tools.jsonl"
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> str:
+    return str(tmp_path / "gateway.db")
+
+
+@pytest.fixture
+def make_settings(db_path: str) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        base: dict[str, Any] = {"db": db_path, "upstream_url": "http://upstream.test/v1/openai"}
+        return Settings(**{**base, **overrides})
+
+    return make
+
+
+@pytest.fixture
+def new_key(make_settings: Callable[..., Settings]) -> Callable[[str], str]:
+    """Mint a key in the test database; returns its secret."""
+
+    def mint(name: str = "acme") -> str:
+        settings = make_settings()
+        db = open_db(settings.db)
+        try:
+            return KeyStore(db, load_key_secret(settings)).create(name)[1]
+        finally:
+            db.conn.close()
+
+    return mint
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Iterator[ServerThread]:
+    with ServerThread(create_emulator_app()) as server:
+        yield server
+
+
+@pytest.fixture
+def live_gateway(
+    make_settings: Callable[..., Settings], emulator: ServerThread
+) -> Callable[..., ServerThread]:
+    """Start the gateway on a real loopback port in front of the emulator (stopped after the test)."""
+    started: list[ServerThread] = []
+
+    def start(**overrides: Any) -> ServerThread:
+        settings = make_settings(upstream_url=emulator.url + "/v1/openai", **overrides)
+        server = ServerThread(create_app(settings)).__enter__()
+        started.append(server)
+        return server
+
+    yield start  # type: ignore[misc]
+    for server in started:
+        server.__exit__(None, None, None)
+
+
+def ledger_rows(db_path: str) -> list[dict[str, Any]]:
+    db = open_db(db_path, migrate=False)
+    try:
+        return list(db.query("SELECT * FROM requests ORDER BY started_at"))
+    finally:
+        db.conn.close()
+
+
+def corpus_tools(n: int, offset: int = 0) -> list[dict[str, Any]]:
+    with CORPUS.open() as fh:
+        lines = fh.readlines()
+    return [json.loads(lines[(offset + i) % len(lines)]) for i in range(n)]

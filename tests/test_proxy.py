@@ -1,0 +1,318 @@
+"""The proxy against a mock backend (httpx.MockTransport): routing, headers, errors, metering."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from gateway.app import create_app
+from gateway.settings import Settings
+from tests.conftest import SEED_MESSAGES, SEED_MODEL, SEED_TOOLS, ledger_rows
+
+Handler = Callable[[httpx.Request], httpx.Response]
+USAGE = {"prompt_tokens": 116, "completion_tokens": 32, "total_tokens": 148}
+
+
+def _completion(**extra: Any) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": SEED_MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": USAGE,
+        **extra,
+    }
+
+
+class Backend:
+    """Records what reached the backend and answers with the current handler."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+        self.handler: Handler = lambda r: httpx.Response(200, json=_completion())
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        return self.handler(request)
+
+
+@pytest.fixture
+def backend() -> Backend:
+    return Backend()
+
+
+@pytest.fixture
+def gateway(make_settings: Callable[..., Settings], backend: Backend) -> Iterator[TestClient]:
+    app = create_app(make_settings(upstream_api_key="sk-operator"), transport=httpx.MockTransport(backend))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.fixture
+def key(new_key: Callable[[str], str]) -> str:
+    return new_key("acme")
+
+
+def _chat(
+    client: TestClient, key: str, path: str = "/v1/openai/chat/completions", **body: Any
+) -> httpx.Response:
+    payload = {"model": SEED_MODEL, "messages": SEED_MESSAGES, **body}
+    return client.post(path, json=payload, headers={"Authorization": f"Bearer {key}"})
+
+
+def _drain(client: TestClient) -> None:
+    """End the app's lifespan: the ledger commits everything queued."""
+    client.__exit__(None, None, None)
+
+
+def _assert_error(resp: httpx.Response, status: int, type_: str) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    error = resp.json()["error"]
+    assert set(error) >= {"message", "type", "code"} and error["type"] == type_
+    assert error["message"]
+    return dict(error)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer "},
+        {"Authorization": "Basic Z3c6eA=="},
+        {"Authorization": "Bearer gw-not-a-real-key"},
+        {"Authorization": "Bearer gw-" + "A" * 43},
+    ],
+)
+def test_missing_malformed_or_unknown_key_is_401_and_never_forwarded(
+    gateway: TestClient, backend: Backend, headers: dict[str, str]
+) -> None:
+    for path in ("/v1/openai/chat/completions", "/v1/chat/completions", "/v1/models", "/v1/embeddings"):
+        resp = gateway.post(path, json={"model": SEED_MODEL}, headers=headers)
+        if path == "/v1/models":
+            resp = gateway.get(path, headers=headers)
+        _assert_error(resp, 401, "authentication_error")
+        assert resp.headers["www-authenticate"].startswith("Bearer")
+    assert backend.requests == []
+
+
+def test_revoked_key_is_refused_from_the_next_request(
+    gateway: TestClient, backend: Backend, key: str, db_path: str
+) -> None:
+    assert _chat(gateway, key).status_code == 200
+    from gateway.db import open_db
+    from gateway.keys import KeyStore
+
+    KeyStore(open_db(db_path), b"unused").revoke("acme")
+    _assert_error(_chat(gateway, key), 401, "authentication_error")
+    assert len(backend.requests) == 1
+
+
+def test_forwards_body_and_replaces_credentials(gateway: TestClient, backend: Backend, key: str) -> None:
+    resp = gateway.post(
+        "/v1/openai/chat/completions",
+        json={"model": SEED_MODEL, "messages": SEED_MESSAGES, "tools": SEED_TOOLS, "tool_choice": "auto"},
+        headers={
+            "Authorization": f"Bearer {key}",
+            "Connection": "keep-alive, x-secret",
+            "X-Forwarded-For": "6.6.6.6",
+            "Cookie": "session=1",
+            "X-Custom": "kept",
+        },
+    )
+    assert resp.status_code == 200
+    assert resp.json() == _completion()
+    (sent,) = backend.requests
+    assert str(sent.url) == "http://upstream.test/v1/openai/chat/completions"
+    assert sent.headers["authorization"] == "Bearer sk-operator"
+    assert key not in str(sent.headers)
+    assert "x-forwarded-for" not in sent.headers and "cookie" not in sent.headers
+    assert sent.headers["x-custom"] == "kept"
+    assert json.loads(sent.content)["tools"] == SEED_TOOLS
+    assert resp.headers["x-gateway-request-id"].startswith("req_")
+
+
+def test_twin_routes_map_to_the_same_upstream_paths(gateway: TestClient, backend: Backend, key: str) -> None:
+    auth = {"Authorization": f"Bearer {key}"}
+    backend.handler = lambda r: httpx.Response(200, json={"object": "list", "data": []})
+    for prefix in ("/v1/openai", "/v1"):
+        gateway.get(prefix + "/models", headers=auth)
+        gateway.get(prefix + "/models/mistralai/Mistral-7B-Instruct-v0.1", headers=auth)
+        gateway.post(prefix + "/completions", json={"model": SEED_MODEL, "prompt": "x"}, headers=auth)
+        gateway.post(prefix + "/embeddings", json={"model": SEED_MODEL, "input": "x"}, headers=auth)
+    paths = [r.url.path for r in backend.requests]
+    expected = [
+        "/v1/openai/models",
+        "/v1/openai/models/mistralai/Mistral-7B-Instruct-v0.1",
+        "/v1/openai/completions",
+        "/v1/openai/embeddings",
+    ]
+    assert paths == expected * 2
+
+
+def test_every_forwarded_request_is_a_settled_ledger_row(
+    gateway: TestClient, backend: Backend, key: str, db_path: str
+) -> None:
+    resp = _chat(gateway, key)
+    gateway.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+    _drain(gateway)
+    rows = ledger_rows(db_path)
+    assert [r["route"] for r in rows] == ["/chat/completions", "/models"]
+    chat = rows[0]
+    assert chat["id"] == resp.headers["x-gateway-request-id"]
+    assert (chat["state"], chat["status"], chat["model"]) == ("settled", 200, SEED_MODEL)
+    assert (chat["prompt_tokens"], chat["completion_tokens"], chat["estimated"]) == (116, 32, 0)
+    assert chat["duration_ms"] >= chat["upstream_ms"] > 0
+
+
+def test_backend_errors_pass_through_and_are_recorded(
+    gateway: TestClient, backend: Backend, key: str, db_path: str
+) -> None:
+    body = {"error": {"message": "model overloaded", "type": "server_error", "code": 503}}
+    backend.handler = lambda r: httpx.Response(503, json=body, headers={"retry-after": "3"})
+    resp = _chat(gateway, key)
+    assert resp.status_code == 503 and resp.json() == body
+    assert resp.headers["retry-after"] == "3"
+    _drain(gateway)
+    (row,) = ledger_rows(db_path)
+    assert (row["status"], row["error"]) == (503, "backend status 503")
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "code"),
+    [
+        (httpx.ConnectError("refused"), 502, "upstream_unreachable"),
+        (httpx.ReadTimeout("slow"), 504, "upstream_timeout"),
+        (httpx.RemoteProtocolError("garbage"), 502, "upstream_error"),
+    ],
+)
+def test_backend_faults_are_openai_shaped_and_recorded(
+    gateway: TestClient, backend: Backend, key: str, db_path: str, failure: Exception, status: int, code: str
+) -> None:
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise failure
+
+    backend.handler = fail
+    error = _assert_error(_chat(gateway, key), status, "upstream_error")
+    assert error["code"] == code
+    assert "upstream.test" not in error["message"] and "sk-operator" not in error["message"]
+    _drain(gateway)
+    rows = ledger_rows(db_path)
+    assert [r["status"] for r in rows] == [status]
+    # Connect failures are retried once (the backend cannot have served them); nothing else is.
+    assert len(backend.requests) == (2 if status == 502 and code == "upstream_unreachable" else 1)
+
+
+def test_malformed_backend_answer_is_502(gateway: TestClient, backend: Backend, key: str) -> None:
+    backend.handler = lambda r: httpx.Response(
+        200, content=b'{"choices": [', headers={"content-type": "application/json"}
+    )
+    assert _assert_error(_chat(gateway, key), 502, "upstream_error")["code"] == "upstream_malformed"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "empty"),
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'"text"', "must be a JSON object"),
+        ('{"model": "caf\u00e9"}'.encode("latin-1"), "UTF-8"),
+        (b'{"messages": []}', "'model' is required"),
+        (b'{"model": 5}', "'model' is required"),
+        (b'{"model": "m", "stream": "yes"}', "'stream' must be a boolean"),
+        (b'{"model": "m", "stream": true, "stream_options": 3}', "'stream_options' must be an object"),
+    ],
+)
+def test_bad_bodies_get_400_before_the_backend(
+    gateway: TestClient, backend: Backend, key: str, content: bytes, message: str
+) -> None:
+    resp = gateway.post(
+        "/v1/chat/completions",
+        content=content,
+        headers={"Authorization": f"Bearer {key}", "content-type": "application/json"},
+    )
+    assert message in _assert_error(resp, 400, "invalid_request_error")["message"]
+    assert backend.requests == []
+
+
+def test_body_over_the_limit_is_413(
+    make_settings: Callable[..., Settings], backend: Backend, key: str
+) -> None:
+    app = create_app(make_settings(max_body_bytes=1000), transport=httpx.MockTransport(backend))
+    with TestClient(app) as client:
+        resp = _chat(client, key, messages=[{"role": "user", "content": "x" * 2000}])
+    _assert_error(resp, 413, "invalid_request_error")
+    assert backend.requests == []
+
+
+def test_unknown_route_and_method_are_json(gateway: TestClient, key: str) -> None:
+    auth = {"Authorization": f"Bearer {key}"}
+    assert _assert_error(gateway.get("/nope"), 404, "invalid_request_error")["code"] == "not_found"
+    assert _assert_error(gateway.get("/v1/chat/completions", headers=auth), 405, "invalid_request_error")
+
+
+def test_text_stream_is_relayed_event_by_event_with_usage_requested(
+    gateway: TestClient, backend: Backend, key: str, db_path: str
+) -> None:
+    events = [
+        b'data: {"choices": [{"index": 0, "delta": {"content": "Hel"}}]}\n\n',
+        b'data: {"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}]}\n\n',
+        b'data: {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for event in events:
+            yield event
+
+    def stream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=chunks())
+
+    backend.handler = stream
+    with gateway.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={"model": SEED_MODEL, "messages": SEED_MESSAGES, "stream": True},
+        headers={"Authorization": f"Bearer {key}"},
+    ) as resp:
+        received = b"".join(resp.iter_raw())
+    # The gateway asked for usage; the client did not, so the usage chunk is not shown to it.
+    assert json.loads(backend.requests[0].content)["stream_options"] == {"include_usage": True}
+    assert received == events[0] + events[1] + events[3]
+    _drain(gateway)
+    (row,) = ledger_rows(db_path)
+    assert (row["stream"], row["prompt_tokens"], row["completion_tokens"], row["estimated"]) == (1, 9, 2, 0)
+
+
+def test_client_that_asked_for_usage_gets_it(gateway: TestClient, backend: Backend, key: str) -> None:
+    usage_event = b'data: {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2}}\n\n'
+    backend.handler = lambda r: httpx.Response(
+        200, headers={"content-type": "text/event-stream"}, content=usage_event + b"data: [DONE]\n\n"
+    )
+    resp = _chat(gateway, key, stream=True, stream_options={"include_usage": True})
+    assert usage_event in resp.content
+    assert json.loads(backend.requests[0].content)["stream_options"] == {"include_usage": True}
+
+
+def test_stream_without_usage_is_marked_estimated(
+    gateway: TestClient, backend: Backend, key: str, db_path: str
+) -> None:
+    backend.handler = lambda r: httpx.Response(
+        200,
+        headers={"content-type": "text/event-stream"},
+        content=b'data: {"choices": [{"index": 0, "delta": {"content": "a"}}]}\n\ndata: [DONE]\n\n',
+    )
+    _chat(gateway, key, stream=True)
+    _drain(gateway)
+    (row,) = ledger_rows(db_path)
+    assert row["estimated"] == 1 and row["completion_tokens"] is not None
+
+
+def test_health_needs_no_key(gateway: TestClient) -> None:
+    assert gateway.get("/healthz").json() == {"status": "ok"}
