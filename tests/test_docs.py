@@ -37,6 +37,7 @@ def test_every_setting_is_documented() -> None:
 
 def test_readme_starts_with_the_two_commands() -> None:
     blocks = README.split("```sh\n")
-    assert blocks[1].startswith("python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/gateway serve")
+    serve = "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/gateway serve"
+    assert blocks[1].startswith(serve)
     assert blocks[2].startswith("bash scripts/test")
     assert "bash scripts/test" in (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
