@@ -10,6 +10,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 from starlette.applications import Starlette
@@ -18,7 +19,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.accounting.accountant import Accountant
+from gateway.accounting.registry import Registry, RegistryError
 from gateway.auth import AuthMiddleware
+from gateway.count_tokens import CountTokens
 from gateway.db import open_db
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound, error_body
 from gateway.keys import KeyStore, Principal, load_key_secret
@@ -67,6 +71,13 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
     if not settings.upstream_url:
         raise ConfigError("no upstream configured: set --upstream or GATEWAY_UPSTREAM_URL")
     holder = _Holder()
+    try:
+        registry = Registry.load(operator=settings.registry, operator_base=_config_dir(settings))
+    except RegistryError as exc:
+        raise ConfigError(str(exc)) from None
+    if settings.fallback_model and registry.profile(settings.fallback_model) is None:
+        raise ConfigError(f"fallback_model {settings.fallback_model!r} is not in the model registry")
+    accountant = Accountant(registry, fallback_model=settings.fallback_model)
     client = build_client(settings, transport)
     ledger = Ledger(settings.db)
     proxy = Proxy(
@@ -75,7 +86,10 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         upstream_url=settings.upstream_url,
         upstream_api_key=settings.upstream_api_key,
         max_body_bytes=settings.max_body_bytes,
+        accountant=accountant,
+        backend_counts_tools=settings.backend_counts_tools,
     )
+    count_tokens = CountTokens(accountant, settings.max_body_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -95,6 +109,10 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             db.conn.close()
 
     routes = [Route("/healthz", _health, methods=["GET"])]
+    routes += [
+        Route(prefix + "/chat/completions/count_tokens", count_tokens.handle, methods=["POST"])
+        for prefix in ("/v1/openai", "/v1")
+    ]
     routes += [Route(path, proxy.endpoint(spec), methods=[method]) for path, spec, method in PROXY_ROUTES]
     app = Starlette(
         routes=routes,
@@ -107,6 +125,11 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
     )
     app.add_middleware(AuthMiddleware, authenticate=holder.authenticate)
     return app
+
+
+def _config_dir(settings: Settings) -> Path:
+    """Relative paths in the operator's registry tables are relative to the config file."""
+    return Path(settings.config_file).resolve().parent if settings.config_file else Path.cwd()
 
 
 async def _health(request: Request) -> Response:

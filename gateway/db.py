@@ -46,6 +46,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX requests_key_time ON requests(key_id, started_at)",
         "CREATE INDEX requests_pending ON requests(state) WHERE state = 'pending'",
     ),
+    (
+        # The gateway's own count of the whole prompt: the cross-check against the backend's.
+        "ALTER TABLE requests ADD COLUMN counted_prompt_tokens INTEGER",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -53,6 +53,7 @@ class Settlement:
     tool_tokens: int | None = None
     estimated: bool = False
     error: str | None = None
+    counted_prompt_tokens: int | None = None
 
 
 _INSERT = (
@@ -62,7 +63,7 @@ _INSERT = (
 _SETTLE = (
     "UPDATE requests SET state = 'settled', status = ?, upstream_ms = ?, first_byte_ms = ?, "
     "duration_ms = ?, prompt_tokens = ?, completion_tokens = ?, tool_tokens = ?, estimated = ?, "
-    "error = ? WHERE id = ?"
+    "error = ?, counted_prompt_tokens = ? WHERE id = ?"
 )
 
 
@@ -123,6 +124,7 @@ class Ledger:
             s.tool_tokens,
             int(s.estimated),
             s.error,
+            s.counted_prompt_tokens,
             s.id,
         )
         self._queue.put((_SETTLE, params, None))

@@ -19,6 +19,9 @@ from typing import Any
 import httpx
 from starlette.types import Receive, Scope, Send
 
+from gateway.accounting.accountant import Accountant, Accounting, UnknownModel, bill
+from gateway.accounting.encoders import TokenizerFileError
+from gateway.accounting.types import FormatError
 from gateway.asgi import ClientGone, header, read_body, send_error
 from gateway.auth import PRINCIPAL
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamTimeout
@@ -56,9 +59,13 @@ class Proxy:
         upstream_url: str,
         upstream_api_key: str | None,
         max_body_bytes: int,
+        accountant: Accountant,
+        backend_counts_tools: bool = True,
     ) -> None:
         self.client = client
         self.ledger = ledger
+        self.accountant = accountant
+        self.backend_counts_tools = backend_counts_tools
         self.base = upstream_url.rstrip("/")
         self.api_key = upstream_api_key
         self.max_body_bytes = max_body_bytes
@@ -92,13 +99,18 @@ class Proxy:
         body = b""
         model: str | None = None
         stream = strip_usage = False
+        meter: _Metering | None = None
         if method == "POST":
             body = await read_body(receive, self.max_body_bytes, header(scope, b"content-length"))
             payload = parse_object(body)
             model = _model(payload, required=spec.needs_model)
             stream = _stream_flag(payload)
-            if stream and spec.chat:
-                body, strip_usage = _ask_for_stream_usage(payload, body)
+            if spec.chat:
+                messages, tools = chat_parts(payload)
+                assert model is not None
+                meter = _Metering(await self._count(model, messages, tools, len(body)), bool(tools))
+                if stream:
+                    body, strip_usage = _ask_for_stream_usage(payload, body)
         path = self.base + spec.upstream_path.format(**scope.get("path_params", {}))
         query = scope.get("query_string", b"")
         url = path + "?" + query.decode("latin-1") if query else path
@@ -115,9 +127,9 @@ class Proxy:
             settlement.upstream_ms = (time.perf_counter() - t0) * 1000
             headers = [*response_headers(response.headers), id_header]
             if response.headers.get("content-type", "").startswith("text/event-stream"):
-                await self._relay_stream(response, headers, settlement, strip_usage, t0, receive, send)
+                await self._relay_stream(response, headers, settlement, strip_usage, t0, receive, send, meter)
             else:
-                await self._relay_whole(response, headers, settlement, send)
+                await self._relay_whole(response, headers, settlement, send, meter)
         except GatewayError as exc:
             settlement.status = exc.status
             settlement.error = exc.message
@@ -129,6 +141,46 @@ class Proxy:
         finally:
             settlement.duration_ms = (time.perf_counter() - t0) * 1000
             self.ledger.settle(settlement)
+
+    async def _count(self, model: str, messages: Any, tools: Any, size: int) -> Accounting | None:
+        """The gateway's own count of the request, or None when it cannot count this model."""
+        try:
+            return await self.accountant.acount(model, messages, tools, size)
+        except UnknownModel:
+            log.debug("no tokenizer for model %r: tool tokens stay unknown", model)
+        except FormatError as exc:
+            log.info("cannot render the request for %r: %s", model, exc)
+        except TokenizerFileError as exc:
+            log.error("tokenizer for %r unavailable: %s", model, exc)
+        return None
+
+    def _bill(self, settlement: Settlement, meter: _Metering | None) -> None:
+        """Split the served request's input into message and tool tokens (chat routes)."""
+        if meter is None:
+            return
+        counted = meter.counted
+        backend_prompt = settlement.prompt_tokens
+        b = bill(
+            counted,
+            settlement.prompt_tokens,
+            has_tools=meter.has_tools,
+            backend_counts_tools=self.backend_counts_tools,
+        )
+        settlement.prompt_tokens = b.prompt_tokens
+        settlement.tool_tokens = b.tool_tokens
+        settlement.estimated = settlement.estimated or b.estimated
+        settlement.counted_prompt_tokens = counted.prompt_tokens if counted else None
+        meter.difference = b.difference
+        if b.difference and counted is not None:
+            # A wrong template or tokenizer shows here first: the operator must see it.
+            log.warning(
+                "prompt-token mismatch for %s: backend %s, gateway %s (%s, %s)",
+                counted.model,
+                backend_prompt,
+                counted.prompt_tokens,
+                counted.tokenizer,
+                counted.format,
+            )
 
     async def _send(self, request: httpx.Request, settlement: Settlement) -> httpx.Response:
         for attempt in range(CONNECT_RETRIES + 1):
@@ -157,6 +209,7 @@ class Proxy:
         headers: list[tuple[bytes, bytes]],
         settlement: Settlement,
         send: Send,
+        meter: _Metering | None,
     ) -> None:
         try:
             content = await response.aread()
@@ -168,12 +221,19 @@ class Proxy:
             await response.aclose()
         settlement.status = response.status_code
         if response.is_success:
-            usage = _usage_of(content, response.headers.get("content-type", ""))
-            if usage is None and "json" in response.headers.get("content-type", ""):
+            obj = _json_of(content, response.headers.get("content-type", ""))
+            if obj is _MALFORMED:
                 raise UpstreamError("The backend returned a malformed response.", code="upstream_malformed")
-            if usage:
+            usage = obj.get("usage") if isinstance(obj, dict) else None
+            if isinstance(usage, dict):
                 settlement.prompt_tokens = _int(usage.get("prompt_tokens"))
                 settlement.completion_tokens = _int(usage.get("completion_tokens"))
+            self._bill(settlement, meter)
+            if meter is not None and isinstance(usage, dict) and settlement.tool_tokens is not None:
+                details = usage.get("prompt_tokens_details")
+                details = details if isinstance(details, dict) else {}
+                usage["prompt_tokens_details"] = {**details, "tool_tokens": settlement.tool_tokens}
+                content = json.dumps(obj, ensure_ascii=False).encode()
         else:
             settlement.error = f"backend status {response.status_code}"
         headers.append((b"content-length", str(len(content)).encode()))
@@ -189,6 +249,7 @@ class Proxy:
         t0: float,
         receive: Receive,
         send: Send,
+        metering: _Metering | None,
     ) -> None:
         settlement.status = response.status_code
         meter = StreamMeter(strip_usage_chunk=strip_usage)
@@ -226,6 +287,19 @@ class Proxy:
             watcher.cancel()
             await response.aclose()
             _settle_stream(settlement, meter)
+            if response.is_success:
+                self._bill(settlement, metering)
+
+
+class _Metering:
+    """What the gateway counted for one chat request, carried to its settlement."""
+
+    __slots__ = ("counted", "difference", "has_tools")
+
+    def __init__(self, counted: Accounting | None, has_tools: bool) -> None:
+        self.counted = counted
+        self.has_tools = has_tools
+        self.difference: int | None = None
 
 
 class _Endpoint:
@@ -287,18 +361,41 @@ def _ask_for_stream_usage(payload: dict[str, Any], body: bytes) -> tuple[bytes, 
     return json.dumps(payload, ensure_ascii=False).encode(), True
 
 
-def _usage_of(content: bytes, content_type: str) -> dict[str, Any] | None:
-    """The answer's usage object; {} for a JSON answer without usage; None if not JSON at all."""
+_MALFORMED = object()
+
+
+def _json_of(content: bytes, content_type: str) -> Any:
+    """A JSON answer's object; None for an answer that is not JSON; _MALFORMED if it is broken."""
     if "json" not in content_type:
-        return {}
+        return None
     try:
         obj = json.loads(content)
     except ValueError:
-        return None
-    if not isinstance(obj, dict):
-        return None
-    usage = obj.get("usage")
-    return usage if isinstance(usage, dict) else {}
+        return _MALFORMED
+    return obj if isinstance(obj, dict) else _MALFORMED
+
+
+def chat_parts(payload: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """A chat request's messages and tools, checked for the shapes counting relies on."""
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty array.", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidRequest(f"messages[{i}] must be an object with a string 'role'.", param="messages")
+    tools = payload.get("tools")
+    if tools is None:
+        return messages, None
+    if not isinstance(tools, list):
+        raise InvalidRequest("'tools' must be an array.", param="tools")
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise InvalidRequest(
+                f"tools[{i}] must be an object with a 'function' object that has a string 'name'.",
+                param="tools",
+            )
+    return messages, tools or None
 
 
 def _settle_stream(settlement: Settlement, meter: StreamMeter) -> None:

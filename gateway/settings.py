@@ -23,6 +23,7 @@ __all__ = ["ConfigError", "Settings"]
 DEFAULT_DB = "gateway.db"
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 ENV_PREFIX = "GATEWAY_"
+REGISTRY_TABLES = ("tokenizers", "models")
 
 
 class ConfigError(Exception):
@@ -54,7 +55,15 @@ class Settings:
     # Latency the embedded demo emulator adds per answer (only used without upstream_url).
     emulator_latency: float = 0.0
     log_level: str = "info"
+    # Whether the backend's usage.prompt_tokens already include the injected tools (vLLM and
+    # DeepInfra: yes). If not, the gateway adds its own tool count; never both.
+    backend_counts_tools: bool = True
+    # A registry model whose tokenizer counts models the registry does not know (as estimates).
+    # Unset: count_tokens refuses unknown models, and their proxied tool tokens stay unknown.
+    fallback_model: str | None = None
     config_file: str | None = None
+    # The operator's model registry tables ([tokenizers.*], [[models]]) from the config file.
+    registry: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(
@@ -69,17 +78,26 @@ class Settings:
         values: dict[str, Any] = {}
         config_file = config_file or env.get(ENV_PREFIX + "CONFIG")
         if config_file:
-            values.update(_read_toml(config_file))
+            data = _read_toml(config_file)
+            registry = {k: data.pop(k) for k in REGISTRY_TABLES if k in data}
+            values.update(data)
             values["config_file"] = config_file
+            if registry:
+                values["registry"] = registry
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        for name in fields:
+        for name in fields.keys() - {"registry", "config_file"}:
             raw = env.get(ENV_PREFIX + name.upper())
             if raw is not None and raw != "":
                 values[name] = raw
         for name, value in (overrides or {}).items():
             if value is not None:
                 values[name] = value
-        return cls(**{name: _coerce(name, fields[name].type, value) for name, value in values.items()})
+        return cls(
+            **{
+                name: value if name == "registry" else _coerce(name, fields[name].type, value)
+                for name, value in values.items()
+            }
+        )
 
     @property
     def key_secret_file(self) -> Path:
@@ -94,7 +112,9 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    known = {f.name for f in dataclasses.fields(Settings)} - {"config_file"}
+    known = ({f.name for f in dataclasses.fields(Settings)} - {"config_file", "registry"}) | set(
+        REGISTRY_TABLES
+    )
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown setting(s) in {path}: {', '.join(unknown)}")

@@ -126,7 +126,10 @@ def test_forwards_body_and_replaces_credentials(gateway: TestClient, backend: Ba
         },
     )
     assert resp.status_code == 200
-    assert resp.json() == _completion()
+    expected = _completion()
+    # The backend's body, plus the tool tokens the gateway measured (the seed model's v1 estimate).
+    expected["usage"] = {**USAGE, "prompt_tokens_details": {"tool_tokens": 100}}
+    assert resp.json() == expected
     (sent,) = backend.requests
     assert str(sent.url) == "http://upstream.test/v1/openai/chat/completions"
     assert sent.headers["authorization"] == "Bearer sk-operator"
@@ -226,7 +229,10 @@ def test_malformed_backend_answer_is_502(gateway: TestClient, backend: Backend, 
         (b'{"messages": []}', "'model' is required"),
         (b'{"model": 5}', "'model' is required"),
         (b'{"model": "m", "stream": "yes"}', "'stream' must be a boolean"),
-        (b'{"model": "m", "stream": true, "stream_options": 3}', "'stream_options' must be an object"),
+        (
+            b'{"model": "m", "messages": [{"role": "user"}], "stream": true, "stream_options": 3}',
+            "'stream_options' must be an object",
+        ),
     ],
 )
 def test_bad_bodies_get_400_before_the_backend(

@@ -1,0 +1,109 @@
+"""Counting a chat request's prompt and tool tokens per model, and splitting billed input.
+
+>>> acc = Accountant(Registry.load())
+>>> acc.count("mistralai/Mistral-7B-Instruct-v0.3", [{"role": "user", "content": "Hi"}], None).prompt_tokens
+6
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from gateway.accounting.registry import ModelProfile, Registry
+from gateway.accounting.types import Messages, Tools
+
+__all__ = ["Accountant", "Accounting", "Bill", "UnknownModel", "bill"]
+
+# Requests larger than this are counted in a worker thread: long prompts never stall the loop.
+OFFLOAD_BYTES = 32 * 1024
+
+
+class UnknownModel(Exception):
+    """No registry entry matches the model and no fallback is configured."""
+
+
+@dataclass(frozen=True, slots=True)
+class Accounting:
+    model: str
+    prompt_tokens: int  # the whole prompt as the backend counts it, tools included
+    tool_tokens: int  # the part the tools add
+    exact: bool
+    tokenizer: str
+    format: str
+
+    @property
+    def message_tokens(self) -> int:
+        return self.prompt_tokens - self.tool_tokens
+
+
+class Accountant:
+    def __init__(self, registry: Registry, *, fallback_model: str | None = None) -> None:
+        self.registry = registry
+        self.fallback_model = fallback_model
+
+    def profile(self, model: str) -> tuple[ModelProfile, bool]:
+        """The model's profile, and whether it is the fallback's (then counts are estimates)."""
+        profile = self.registry.profile(model)
+        if profile is not None:
+            return profile, False
+        if self.fallback_model is not None:
+            fallback = self.registry.profile(self.fallback_model)
+            if fallback is not None:
+                return fallback, True
+        raise UnknownModel(
+            f"The gateway has no tokenizer for model {model!r}; an operator can add it to the model registry."
+        )
+
+    def count(self, model: str, messages: Messages, tools: Tools | None) -> Accounting:
+        profile, fallback = self.profile(model)
+        c = profile.format.count(messages, tools or None)
+        return Accounting(
+            model=model,
+            prompt_tokens=c.prompt_tokens,
+            tool_tokens=c.tool_tokens,
+            exact=c.exact and profile.exact and not fallback,
+            tokenizer=profile.tokenizer,
+            format=profile.format_name,
+        )
+
+    async def acount(self, model: str, messages: Messages, tools: Tools | None, size: int) -> Accounting:
+        # A first use loads a tokenizer file (up to a second for tekken): never on the loop.
+        if size > OFFLOAD_BYTES or not self.registry.ready(model):
+            return await asyncio.to_thread(self.count, model, messages, tools)
+        return self.count(model, messages, tools)
+
+
+@dataclass(frozen=True, slots=True)
+class Bill:
+    prompt_tokens: int | None  # billed input tokens, tools included
+    tool_tokens: int | None
+    estimated: bool
+    difference: int | None  # backend's prompt_tokens minus the gateway's full count
+
+
+def bill(
+    counted: Accounting | None, backend_prompt: int | None, *, has_tools: bool, backend_counts_tools: bool
+) -> Bill:
+    """Split the input tokens of a served request into message and tool tokens.
+
+    The backend's figure is the truth for what it served. When it includes the injected tools,
+    the tool part is measured against it: ``backend_prompt - counted.message_tokens``; otherwise
+    the gateway's tool count is added to it. Tools are never counted twice.
+    """
+    if counted is None:
+        return Bill(backend_prompt, 0 if not has_tools else None, has_tools, None)
+    if backend_prompt is None:
+        return Bill(counted.prompt_tokens, counted.tool_tokens, True, None)
+    if not has_tools:
+        # Nothing to split: the backend's figure is all there is, whatever the format's exactness.
+        return Bill(backend_prompt, 0, False, backend_prompt - counted.prompt_tokens)
+    if backend_counts_tools:
+        tool_tokens = max(0, backend_prompt - counted.message_tokens)
+        return Bill(backend_prompt, tool_tokens, not counted.exact, backend_prompt - counted.prompt_tokens)
+    return Bill(
+        backend_prompt + counted.tool_tokens,
+        counted.tool_tokens,
+        not counted.exact,
+        backend_prompt - counted.message_tokens,
+    )

@@ -1,0 +1,271 @@
+"""Mistral's instruct formats (v2, v3, v7; sentencepiece or tekken), counted without rendering.
+
+Mistral encodes every segment of a prompt on its own and joins the token lists with control
+tokens (one token each), so a prompt's count is a sum of segment counts and the tools block
+``[AVAILABLE_TOOLS] json.dumps(tools) [/AVAILABLE_TOOLS]`` can be counted alone and cached.
+
+The rules below follow Mistral's reference encoder (mistral-common) for text conversations:
+- consecutive messages of one role are merged ("\\n\\n" between texts; tool calls appended);
+  system messages break such runs; a conversation not starting with a user turn gets an empty
+  one first (v2/v3);
+- v2/v3: all system texts, joined by "\\n\\n", prefix the *last* user message; v7: each system
+  message is its own ``[SYSTEM_PROMPT]…[/SYSTEM_PROMPT]`` segment where it stands;
+- tools go right before the last user message's ``[INST]``;
+- v2 drops tool calls and results that come before the last user message; v3+ keeps them;
+- tool call ids are the last 9 characters (what vLLM sends to Mistral models).
+Mistral v1 has no tool format: see ``MistralV1Format``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from gateway.accounting.encoders import Encoder
+from gateway.accounting.types import Count, FormatError, Messages, Tools, text_of
+
+__all__ = ["MistralFormat", "MistralV1Format", "tools_json"]
+
+JOIN = "\n\n"
+TOOL_CACHE_SIZE = 2048
+
+
+def tools_json(tools: Tools) -> str:
+    """The tools as Mistral's encoder serializes them (name, description, parameters; no strict)."""
+    dumped = []
+    for tool in tools:
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict):
+            raise FormatError("every tool needs a 'function' object")
+        dumped.append(
+            {
+                "type": tool.get("type", "function"),
+                "function": {
+                    "name": fn.get("name"),
+                    "description": fn.get("description") or "",
+                    "parameters": fn.get("parameters") if fn.get("parameters") is not None else {},
+                },
+            }
+        )
+    return json.dumps(dumped, ensure_ascii=False)
+
+
+def _json_or_text(raw: Any) -> Any:
+    """Content Mistral parses as JSON when it can (arguments, tool results)."""
+    if raw is None or raw == "":
+        return {}
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _call_id(raw: Any) -> str:
+    return str(raw)[-9:] if raw is not None else ""
+
+
+class _Turn:
+    __slots__ = ("calls", "content", "role", "tool_call_id")
+
+    def __init__(
+        self, role: str, content: str = "", calls: list[Any] | None = None, tool_call_id: Any = None
+    ):
+        self.role = role
+        self.content = content
+        self.calls = calls or []
+        self.tool_call_id = tool_call_id
+
+
+def _aggregate(messages: Messages, keep_system: bool) -> tuple[list[_Turn], str | None]:
+    turns: list[_Turn] = []
+    system: list[str] = []
+    run: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        if not run:
+            return
+        role = run[0].get("role")
+        if role == "user" or role == "assistant":
+            texts = [text_of(m.get("content")) for m in run]
+            calls = [c for m in run for c in (m.get("tool_calls") or [])]
+            turns.append(_Turn(str(role), JOIN.join(t for t in texts if t), calls))
+        elif role == "tool":
+            turns.extend(
+                _Turn("tool", text_of(m.get("content")), tool_call_id=m.get("tool_call_id")) for m in run
+            )
+        elif keep_system:
+            turns.extend(_Turn("system", text_of(m.get("content"))) for m in run)
+        run.clear()
+
+    for message in messages:
+        role = message.get("role")
+        if role not in ("user", "assistant", "tool", "system"):
+            raise FormatError(f"unsupported message role {role!r}")
+        if role == "system" and text_of(message.get("content")):
+            system.append(text_of(message.get("content")))
+        if run and run[0].get("role") != role:
+            flush()
+        run.append(message)
+    flush()
+    if not turns or (not keep_system and turns[0].role != "user"):
+        turns.insert(0, _Turn("user"))
+    return turns, (JOIN.join(system) if system else None)
+
+
+class MistralFormat:
+    """``version`` 2, 3 or 7 (the instruct format), with the model's sentencepiece or tekken encoder."""
+
+    def __init__(self, version: int, encoder: Encoder) -> None:
+        if version not in (2, 3, 7):
+            raise ValueError(f"unsupported Mistral format version {version}")
+        self.version = version
+        self.encoder = encoder
+        self.name = f"mistral-v{version}"
+        # The tools block is delimited by control tokens, so its count depends on the tools
+        # alone: cached by their serialized JSON (agents resend the same tools every turn).
+        self._tool_counts: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def tools_block(self, tools: Tools) -> int:
+        key = tools_json(tools)
+        cached = self._tool_counts.get(key)
+        if cached is not None:
+            return cached
+        count = 2 + self.encoder.count(key)
+        with self._lock:
+            self._tool_counts[key] = count
+            if len(self._tool_counts) > TOOL_CACHE_SIZE:
+                self._tool_counts.popitem(last=False)
+        return count
+
+    def count(self, messages: Messages, tools: Tools | None) -> Count:
+        v7 = self.version >= 7
+        turns, system = _aggregate(messages, keep_system=v7)
+        last_user = max((i for i, t in enumerate(turns) if t.role == "user"), default=-1)
+        enc = self.encoder.count
+        total = 1  # <s>
+        for i, turn in enumerate(turns):
+            if turn.role == "user":
+                text = turn.content
+                if not v7 and i == last_user and system:
+                    text = system + JOIN + text
+                total += 2 + enc(text)  # [INST] … [/INST]
+            elif turn.role == "assistant":
+                total += self._assistant(turn, before_last_user=i < last_user)
+            elif turn.role == "tool":
+                total += self._tool_result(turn, before_last_user=i < last_user)
+            else:
+                total += 2 + enc(turn.content)  # [SYSTEM_PROMPT] … [/SYSTEM_PROMPT]
+        tool_tokens = self.tools_block(tools) if tools and last_user >= 0 else 0
+        return Count(prompt_tokens=total + tool_tokens, tool_tokens=tool_tokens)
+
+    def _assistant(self, turn: _Turn, before_last_user: bool) -> int:
+        if turn.calls and turn.content and self.version < 7:
+            raise FormatError("an assistant message cannot carry both content and tool calls for this model")
+        if not turn.calls and not turn.content:
+            raise FormatError("an assistant message needs content or tool calls")
+        tokens = 0
+        if turn.content:
+            tokens += self.encoder.count(turn.content.rstrip(" "))
+        if turn.calls:
+            if self.version == 2 and before_last_user:
+                return 0  # v2 drops earlier tool calls entirely, end-of-sequence included
+            tokens += 1 + self.encoder.count(
+                json.dumps([self._call(c) for c in turn.calls], ensure_ascii=False)
+            )
+        return tokens + 1  # </s>
+
+    def _call(self, call: Any) -> dict[str, Any]:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict):
+            raise FormatError("every tool call needs a 'function' object")
+        arguments = fn.get("arguments")
+        if isinstance(arguments, str):
+            # Mistral's normalizer re-serializes JSON arguments before parsing them again.
+            arguments = _json_or_text(arguments)
+        out: dict[str, Any] = {"name": fn.get("name"), "arguments": arguments}
+        call_id = call.get("id")
+        if self.version >= 3 and call_id and call_id != "null":
+            out["id"] = _call_id(call_id)
+        return out
+
+    def _tool_result(self, turn: _Turn, before_last_user: bool) -> int:
+        enc = self.encoder.count
+        if self.version == 2:
+            if before_last_user:
+                return 0
+            body = json.dumps([{"name": None, "content": _json_or_text(turn.content)}], ensure_ascii=False)
+            return 2 + enc(body)
+        if self.version == 3:
+            body = json.dumps(
+                {"content": _json_or_text(turn.content), "call_id": _call_id(turn.tool_call_id)},
+                ensure_ascii=False,
+            )
+            return 2 + enc(body)
+        # v7: [TOOL_RESULTS] id [TOOL_CONTENT] content [/TOOL_RESULTS], content as sent
+        return 3 + enc(_call_id(turn.tool_call_id)) + enc(turn.content)
+
+
+class MistralV1Format:
+    """Mistral v1 (Mistral-7B-Instruct-v0.1, Mixtral-8x7B-Instruct-v0.1): no native tool format.
+
+    Assumed (an estimate, marked so): the v2 layout spelled as plain text with the v1 vocabulary,
+    ``[AVAILABLE_TOOLS] <tools json> [/AVAILABLE_TOOLS]`` right before the last ``[INST]``, calls
+    as ``[TOOL_CALLS] <json>``, results as ``[TOOL_RESULTS] <json> [/TOOL_RESULTS]``.
+    """
+
+    exact = False
+
+    def __init__(self, encoder: Encoder) -> None:
+        self.encoder = encoder
+        self.name = "mistral-v1-text-tools"
+
+    def count(self, messages: Messages, tools: Tools | None) -> Count:
+        enc = self.encoder.count
+        system = JOIN.join(text_of(m.get("content")) for m in messages if m.get("role") == "system")
+        turns = [m for m in messages if m.get("role") != "system"]
+        last_user = max((i for i, m in enumerate(turns) if m.get("role") == "user"), default=-1)
+        total, tool_tokens, first_user = 1, 0, True
+        for i, m in enumerate(turns):
+            role = m.get("role")
+            if role == "user":
+                text = text_of(m.get("content"))
+                if first_user and system:
+                    text = system + JOIN + text
+                first_user = False
+                body = "[INST] " + text + " [/INST]"
+                if tools and i == last_user:
+                    block = "[AVAILABLE_TOOLS] " + tools_json(tools) + " [/AVAILABLE_TOOLS]"
+                    with_tools = enc(block + body)
+                    tool_tokens = with_tools - enc(body)
+                    total += with_tools
+                else:
+                    total += enc(body)
+            elif role == "assistant":
+                calls = m.get("tool_calls") or []
+                if calls:
+                    rendered = [
+                        {
+                            "name": (c.get("function") or {}).get("name"),
+                            "arguments": _json_or_text((c.get("function") or {}).get("arguments")),
+                            "id": _call_id(c.get("id", "")),
+                        }
+                        for c in calls
+                    ]
+                    text = "[TOOL_CALLS] " + json.dumps(rendered, ensure_ascii=False)
+                else:
+                    text = text_of(m.get("content"))
+                total += enc(text) + 1
+            elif role == "tool":
+                result = {
+                    "content": _json_or_text(m.get("content")),
+                    "call_id": _call_id(m.get("tool_call_id", "")),
+                }
+                total += enc("[TOOL_RESULTS] " + json.dumps(result, ensure_ascii=False) + " [/TOOL_RESULTS]")
+            else:
+                raise FormatError(f"unsupported message role {role!r}")
+        return Count(prompt_tokens=total, tool_tokens=tool_tokens, exact=False)

@@ -1,0 +1,38 @@
+"""Value types shared by the accounting formats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = ["Count", "Format", "FormatError", "Messages", "Tools", "text_of"]
+
+Messages = list[dict[str, Any]]
+Tools = list[dict[str, Any]]
+
+
+class FormatError(ValueError):
+    """The conversation cannot be rendered in this model's format (the backend would refuse it too)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    prompt_tokens: int  # the whole prompt as the backend counts it, tools included
+    tool_tokens: int  # the part of prompt_tokens that the tools add
+    exact: bool = True
+
+
+class Format(Protocol):
+    name: str
+
+    def count(self, messages: Messages, tools: Tools | None) -> Count: ...
+
+
+def text_of(content: Any) -> str:
+    """A message's text: a string, or the text parts of a content list joined by a blank line."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type", "text") == "text"]
+        return "\n\n".join(p for p in parts if isinstance(p, str) and p)
+    return ""
