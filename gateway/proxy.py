@@ -100,6 +100,7 @@ class Proxy:
         model: str | None = None
         stream = strip_usage = False
         meter: _Metering | None = None
+        to_count: tuple[str, Any, Any, int] | None = None
         if method == "POST":
             body = await read_body(receive, self.max_body_bytes, header(scope, b"content-length"))
             payload = parse_object(body)
@@ -108,7 +109,7 @@ class Proxy:
             if spec.chat:
                 messages, tools = chat_parts(payload)
                 assert model is not None
-                meter = _Metering(await self._count(model, messages, tools, len(body)), bool(tools))
+                to_count = (model, messages, tools, len(body))
                 if stream:
                     body, strip_usage = _ask_for_stream_usage(payload, body)
         path = self.base + spec.upstream_path.format(**scope.get("path_params", {}))
@@ -122,8 +123,14 @@ class Proxy:
             PendingRow(request_id, principal.key_id, model, spec.upstream_path, stream, started_at)
         )
         settlement = Settlement(request_id, status=0)
+        counting: asyncio.Task[Accounting | None] | None = None
         try:
+            if to_count is not None:
+                # Counting overlaps the backend's work: it runs once the request is on its way.
+                counting = asyncio.create_task(self._count(*to_count))
             response = await self._send(upstream_request, settlement)
+            if counting is not None:
+                meter = _Metering(await counting, bool(to_count and to_count[2]))
             settlement.upstream_ms = (time.perf_counter() - t0) * 1000
             headers = [*response_headers(response.headers), id_header]
             if response.headers.get("content-type", "").startswith("text/event-stream"):
@@ -139,6 +146,8 @@ class Proxy:
             settlement.error = settlement.error or f"interrupted: {type(exc).__name__}"
             raise
         finally:
+            if counting is not None and not counting.done():
+                counting.cancel()
             settlement.duration_ms = (time.perf_counter() - t0) * 1000
             self.ledger.settle(settlement)
 

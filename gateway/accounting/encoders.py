@@ -18,6 +18,7 @@ import importlib.util
 import json
 import re
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -120,24 +121,14 @@ class SentencePieceEncoder:
 
         self.name = name
         self._sp = sentencepiece.SentencePieceProcessor(model_proto=data)
-        controls = [
-            self._sp.id_to_piece(i) for i in range(self._sp.get_piece_size()) if self._sp.is_control(i)
-        ]
-        controls = [c for c in controls if c]
-        self._specials = re.compile("|".join(map(re.escape, sorted(controls, key=len, reverse=True))))
+        pieces = (self._sp.id_to_piece(i) for i in range(self._sp.get_piece_size()) if self._sp.is_control(i))
+        self.specials = frozenset(p for p in pieces if p)
 
     def encode(self, text: str) -> list[int]:
         return list(self._sp.encode(text))
 
     def count(self, text: str) -> int:
         return len(self._sp.encode(text)) if text else 0
-
-    def count_rendered(self, text: str) -> int:
-        total, start = 0, 0
-        for match in self._specials.finditer(text):
-            total += self.count(text[start : match.start()]) + 1
-            start = match.end()
-        return total + self.count(text[start:])
 
 
 class TiktokenEncoder:
@@ -147,9 +138,9 @@ class TiktokenEncoder:
         import tiktoken
 
         self.name = name
-        self._enc = tiktoken.Encoding(
-            name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials or {}
-        )
+        self.specials = frozenset(specials or ())
+        # Special tokens are split off by CountingEncoder: the BPE core never needs them.
+        self._enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
 
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
@@ -157,8 +148,56 @@ class TiktokenEncoder:
     def count(self, text: str) -> int:
         return len(self._enc.encode_ordinary(text)) if text else 0
 
+
+# Anything shaped like a special token; a match counts as one only if the tokenizer has it.
+_SPECIAL_SHAPE = re.compile(r"<\|[^|<>\s]{1,64}\|>|\[/?[A-Za-z_0-9]{1,40}\]|</?s>|<unk>")
+SEGMENT_CACHE_SIZE = 16384
+SEGMENT_CACHE_MIN_CHARS = 32
+
+
+class CountingEncoder:
+    """A tokenizer with a cache of segment counts, and the count of a rendered prompt.
+
+    Prompts are tokenized segment by segment (Mistral encodes each part on its own; a rendered
+    template splits at its special tokens, as tokenizers do), and agents resend the same history
+    and tools turn after turn: a repeated segment is counted once. Keys are (length, hash) of
+    the text, so the cache holds no text; its size is bounded.
+    """
+
+    def __init__(self, inner: SentencePieceEncoder | TiktokenEncoder, size: int = SEGMENT_CACHE_SIZE) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self._size = size
+        self._counts: OrderedDict[tuple[int, int], int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def encode(self, text: str) -> list[int]:
+        return self.inner.encode(text)
+
+    def count(self, text: str) -> int:
+        if len(text) < SEGMENT_CACHE_MIN_CHARS:
+            return self.inner.count(text)
+        key = (len(text), hash(text))
+        with self._lock:
+            cached = self._counts.get(key)
+            if cached is not None:
+                self._counts.move_to_end(key)
+                return cached
+        count = self.inner.count(text)
+        with self._lock:
+            self._counts[key] = count
+            if len(self._counts) > self._size:
+                self._counts.popitem(last=False)
+        return count
+
     def count_rendered(self, text: str) -> int:
-        return len(self._enc.encode(text, allowed_special="all", disallowed_special=())) if text else 0
+        specials = self.inner.specials
+        total, start = 0, 0
+        for match in _SPECIAL_SHAPE.finditer(text):
+            if match.group() in specials:
+                total += self.count(text[start : match.start()]) + 1
+                start = match.end()
+        return total + self.count(text[start:])
 
 
 def _tiktoken_ranks(data: bytes) -> dict[bytes, int]:
@@ -192,24 +231,24 @@ class EncoderCache:
 
     def __init__(self, base: Path | None = None) -> None:
         self._base = base
-        self._encoders: dict[EncoderSpec, Encoder] = {}
+        self._encoders: dict[EncoderSpec, CountingEncoder] = {}
         self._lock = threading.Lock()
 
-    def get(self, spec: EncoderSpec) -> Encoder:
+    def get(self, spec: EncoderSpec) -> CountingEncoder:
         encoder = self._encoders.get(spec)
         if encoder is not None:
             return encoder
         with self._lock:
             encoder = self._encoders.get(spec)
             if encoder is None:
-                encoder = self._load(spec)
+                encoder = CountingEncoder(self._load(spec))
                 self._encoders[spec] = encoder
         return encoder
 
     def loaded(self, spec: EncoderSpec) -> bool:
         return spec in self._encoders
 
-    def _load(self, spec: EncoderSpec) -> Encoder:
+    def _load(self, spec: EncoderSpec) -> SentencePieceEncoder | TiktokenEncoder:
         path = resolve_file(spec.file, self._base)
         data = _read_verified(path, spec.sha256)
         name = path.name

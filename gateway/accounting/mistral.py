@@ -19,8 +19,6 @@ Mistral v1 has no tool format: see ``MistralV1Format``.
 from __future__ import annotations
 
 import json
-import threading
-from collections import OrderedDict
 from typing import Any
 
 from gateway.accounting.encoders import Encoder
@@ -29,7 +27,6 @@ from gateway.accounting.types import Count, FormatError, Messages, Tools, text_o
 __all__ = ["MistralFormat", "MistralV1Format", "tools_json"]
 
 JOIN = "\n\n"
-TOOL_CACHE_SIZE = 2048
 
 
 def tools_json(tools: Tools) -> str:
@@ -125,22 +122,11 @@ class MistralFormat:
         self.version = version
         self.encoder = encoder
         self.name = f"mistral-v{version}"
-        # The tools block is delimited by control tokens, so its count depends on the tools
-        # alone: cached by their serialized JSON (agents resend the same tools every turn).
-        self._tool_counts: OrderedDict[str, int] = OrderedDict()
-        self._lock = threading.Lock()
 
     def tools_block(self, tools: Tools) -> int:
-        key = tools_json(tools)
-        cached = self._tool_counts.get(key)
-        if cached is not None:
-            return cached
-        count = 2 + self.encoder.count(key)
-        with self._lock:
-            self._tool_counts[key] = count
-            if len(self._tool_counts) > TOOL_CACHE_SIZE:
-                self._tool_counts.popitem(last=False)
-        return count
+        # Delimited by control tokens, the block's count depends on the tools alone; the
+        # encoder's segment cache keeps it, since agents resend the same tools every turn.
+        return 2 + self.encoder.count(tools_json(tools))
 
     def count(self, messages: Messages, tools: Tools | None) -> Count:
         v7 = self.version >= 7

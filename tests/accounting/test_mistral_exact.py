@@ -82,18 +82,30 @@ def test_measured_facts_from_the_design_notes(
     assert (counted.prompt_tokens, counted.tool_tokens) == (with_tools, with_tools - without)
 
 
-def test_tools_block_is_cached_by_its_json(accountant: Accountant) -> None:
+def test_tools_block_is_counted_once_then_cached(accountant: Accountant) -> None:
     model = "mistralai/Mistral-7B-Instruct-v0.3"
-    fmt: Any = accountant.registry.profile(model).format  # type: ignore[union-attr]
-    tools = conv.tools(random.Random(7), 8)
-    first = accountant.count(model, SEED_MESSAGES, tools)
-    cached = len(fmt._tool_counts)
-    second = accountant.count(
-        model,
-        [*SEED_MESSAGES, {"role": "assistant", "content": "x"}, {"role": "user", "content": "again"}],
-        tools,
-    )
-    assert len(fmt._tool_counts) == cached and first.tool_tokens == second.tool_tokens
+    encoder: Any = accountant.registry.profile(model).format.encoder  # type: ignore[union-attr]
+    calls: list[str] = []
+    inner_count = encoder.inner.count
+
+    def spy(text: str) -> int:
+        calls.append(text)
+        return int(inner_count(text))
+
+    encoder.inner.count = spy
+    try:
+        tools = conv.tools(random.Random(7), 8)
+        first = accountant.count(model, SEED_MESSAGES, tools)
+        followup = [
+            *SEED_MESSAGES,
+            {"role": "assistant", "content": "x"},
+            {"role": "user", "content": "again"},
+        ]
+        second = accountant.count(model, followup, tools)
+    finally:
+        del encoder.inner.count
+    assert len([t for t in calls if t.startswith('[{"type": "function"')]) == 1
+    assert first.tool_tokens == second.tool_tokens
 
 
 def test_v1_is_an_estimate_with_text_tools(accountant: Accountant) -> None:
