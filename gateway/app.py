@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -27,6 +28,7 @@ from gateway.db import open_db
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound, error_body
 from gateway.keys import KeyStore, Principal, load_key_secret
 from gateway.ledger import Ledger
+from gateway.metrics import Metrics
 from gateway.proxy import Proxy, RouteSpec
 from gateway.settings import ConfigError, Settings
 from gateway.upstream import build_client
@@ -66,18 +68,25 @@ class _Holder:
         return self.keys.authenticate(key)
 
 
-def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
-    """Build the gateway. ``transport`` replaces the network in unit tests (httpx.MockTransport)."""
+def create_app(
+    settings: Settings,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    registry: CollectorRegistry | None = None,
+) -> Starlette:
+    """Build the gateway. ``transport`` replaces the network in unit tests (httpx.MockTransport);
+    ``registry`` receives the Prometheus metrics (a fresh one per app by default)."""
     if not settings.upstream_url:
         raise ConfigError("no upstream configured: set --upstream or GATEWAY_UPSTREAM_URL")
     holder = _Holder()
     try:
-        registry = Registry.load(operator=settings.registry, operator_base=_config_dir(settings))
+        models = Registry.load(operator=settings.registry, operator_base=_config_dir(settings))
     except RegistryError as exc:
         raise ConfigError(str(exc)) from None
-    if settings.fallback_model and registry.profile(settings.fallback_model) is None:
+    if settings.fallback_model and models.profile(settings.fallback_model) is None:
         raise ConfigError(f"fallback_model {settings.fallback_model!r} is not in the model registry")
-    accountant = Accountant(registry, fallback_model=settings.fallback_model)
+    accountant = Accountant(models, fallback_model=settings.fallback_model)
+    metrics = Metrics(registry)
     client = build_client(settings, transport)
     ledger = Ledger(settings.db)
     proxy = Proxy(
@@ -87,6 +96,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         upstream_api_key=settings.upstream_api_key,
         max_body_bytes=settings.max_body_bytes,
         accountant=accountant,
+        metrics=metrics,
         backend_counts_tools=settings.backend_counts_tools,
     )
     count_tokens = CountTokens(accountant, settings.max_body_bytes)
@@ -108,7 +118,10 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             await client.aclose()
             db.conn.close()
 
-    routes = [Route("/healthz", _health, methods=["GET"])]
+    routes = [
+        Route("/healthz", _health, methods=["GET"]),
+        Route("/metrics", metrics.endpoint, methods=["GET"]),
+    ]
     routes += [
         Route(prefix + "/chat/completions/count_tokens", count_tokens.handle, methods=["POST"])
         for prefix in ("/v1/openai", "/v1")

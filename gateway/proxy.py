@@ -27,6 +27,7 @@ from gateway.auth import PRINCIPAL
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamTimeout
 from gateway.keys import Principal
 from gateway.ledger import Ledger, PendingRow, Settlement
+from gateway.metrics import Metrics
 from gateway.sse import StreamMeter
 from gateway.upstream import request_headers, response_headers
 
@@ -60,9 +61,11 @@ class Proxy:
         upstream_api_key: str | None,
         max_body_bytes: int,
         accountant: Accountant,
+        metrics: Metrics,
         backend_counts_tools: bool = True,
     ) -> None:
         self.client = client
+        self.metrics = metrics
         self.ledger = ledger
         self.accountant = accountant
         self.backend_counts_tools = backend_counts_tools
@@ -150,6 +153,15 @@ class Proxy:
                 counting.cancel()
             settlement.duration_ms = (time.perf_counter() - t0) * 1000
             self.ledger.settle(settlement)
+            self.metrics.record(
+                model=model,
+                route=spec.upstream_path,
+                status=settlement.status,
+                prompt_tokens=settlement.prompt_tokens,
+                tool_tokens=settlement.tool_tokens,
+                completion_tokens=settlement.completion_tokens,
+                difference=meter.difference if meter is not None else None,
+            )
 
     async def _count(self, model: str, messages: Any, tools: Any, size: int) -> Accounting | None:
         """The gateway's own count of the request, or None when it cannot count this model."""

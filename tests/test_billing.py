@@ -123,3 +123,31 @@ def test_malformed_chat_requests_are_400(
             "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {new_key('a')}"}
         )
     assert resp.status_code == 400 and message in resp.json()["error"]["message"]
+
+
+def test_the_difference_is_exported_per_model(
+    make_settings: Callable[..., Settings], new_key: Callable[[str], str]
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    key = new_key("acme")
+    backend = {"prompt": 95}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return _answer(backend["prompt"])(request)
+
+    app = create_app(make_settings(), transport=httpx.MockTransport(handler), registry=registry)
+    body = {"model": V3, "messages": SEED_MESSAGES, "tools": SEED_TOOLS}
+    with TestClient(app) as client:
+        client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        backend["prompt"] = 97
+        client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        exposition = client.get("/metrics").text
+    sample = registry.get_sample_value
+    assert sample("gateway_accounting_checks_total", {"model": V3, "result": "match"}) == 1
+    assert sample("gateway_accounting_checks_total", {"model": V3, "result": "mismatch"}) == 1
+    assert sample("gateway_accounting_difference_tokens_sum", {"model": V3}) == 2
+    assert sample("gateway_tokens_total", {"model": V3, "kind": "tool"}) == 84 + 86
+    assert "gateway_accounting_difference_tokens_bucket" in exposition
+    assert key not in exposition

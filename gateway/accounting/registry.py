@@ -16,6 +16,7 @@ from typing import Any
 
 from gateway.accounting.chat_template import ChatTemplateFormat
 from gateway.accounting.encoders import EncoderCache, EncoderSpec, TokenizerFileError, resolve_file
+from gateway.accounting.llama_reference import LlamaReferenceFormat
 from gateway.accounting.mistral import MistralFormat, MistralV1Format
 from gateway.accounting.openai_functions import OpenAIFunctionsFormat
 from gateway.accounting.types import Format
@@ -23,7 +24,15 @@ from gateway.accounting.types import Format
 __all__ = ["DEFAULT_REGISTRY", "ModelProfile", "Registry", "RegistryError"]
 
 DEFAULT_REGISTRY = Path(__file__).resolve().parents[2] / "tokenizers" / "models.toml"
-FORMATS = ("mistral-v1", "mistral-v2", "mistral-v3", "mistral-v7", "chat-template", "openai-functions")
+FORMATS = (
+    "mistral-v1",
+    "mistral-v2",
+    "mistral-v3",
+    "mistral-v7",
+    "chat-template",
+    "llama3-reference",
+    "openai-functions",
+)
 
 
 class RegistryError(Exception):
@@ -140,6 +149,8 @@ class Registry:
             fmt = MistralFormat(int(entry.format[len("mistral-v") :]), encoder)
         elif entry.format == "openai-functions":
             fmt = OpenAIFunctionsFormat(encoder)
+        elif entry.format == "llama3-reference":
+            fmt = LlamaReferenceFormat(encoder)
         else:
             assert entry.template is not None
             path = resolve_file(entry.template, entry.base)
