@@ -173,6 +173,9 @@ class Proxy:
             log.info("cannot render the request for %r: %s", model, exc)
         except TokenizerFileError as exc:
             log.error("tokenizer for %r unavailable: %s", model, exc)
+        except Exception:
+            # Accounting must never fail a request the backend may serve: record it as unknown.
+            log.exception("counting failed for model %r", model)
         return None
 
     def _bill(self, settlement: Settlement, meter: _Metering | None) -> None:

@@ -11,7 +11,7 @@ import asyncio
 from dataclasses import dataclass
 
 from gateway.accounting.registry import ModelProfile, Registry
-from gateway.accounting.types import Messages, Tools
+from gateway.accounting.types import FormatError, Messages, Tools
 
 __all__ = ["Accountant", "Accounting", "Bill", "UnknownModel", "bill"]
 
@@ -57,7 +57,13 @@ class Accountant:
 
     def count(self, model: str, messages: Messages, tools: Tools | None) -> Accounting:
         profile, fallback = self.profile(model)
-        c = profile.format.count(messages, tools or None)
+        try:
+            c = profile.format.count(messages, tools or None)
+        except FormatError:
+            raise
+        except (TypeError, AttributeError, KeyError, ValueError, RecursionError) as exc:
+            # Shapes a format cannot read (a list where an object belongs, ...): the request's fault.
+            raise FormatError(f"cannot count this request: {type(exc).__name__}: {exc}") from None
         return Accounting(
             model=model,
             prompt_tokens=c.prompt_tokens,

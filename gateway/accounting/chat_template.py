@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as dt
+import functools
 import json
 from functools import cached_property
 from typing import Any
@@ -88,7 +89,17 @@ def _tojson(
     separators: Any = None,
     sort_keys: bool = False,
 ) -> str:
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    if indent is None:
+        return json.dumps(x, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
+    # Indented JSON goes through Python's slow encoder, and the same tools come back every
+    # turn: the indented text is memoized by the value's compact, C-encoded form.
+    compact = json.dumps(x, ensure_ascii=False, sort_keys=sort_keys)
+    return _indented(compact, ensure_ascii, indent, tuple(separators) if separators else None)
+
+
+@functools.lru_cache(maxsize=4096)
+def _indented(compact: str, ensure_ascii: bool, indent: int, separators: tuple[str, str] | None) -> str:
+    return json.dumps(json.loads(compact), ensure_ascii=ensure_ascii, indent=indent, separators=separators)
 
 
 def _raise(message: str) -> None:

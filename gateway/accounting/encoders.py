@@ -151,6 +151,7 @@ class TiktokenEncoder:
 
 # Anything shaped like a special token; a match counts as one only if the tokenizer has it.
 _SPECIAL_SHAPE = re.compile(r"<\|[^|<>\s]{1,64}\|>|\[/?[A-Za-z_0-9]{1,40}\]|</?s>|<unk>")
+_PIPE_SHAPE = re.compile(r"<\|[^|<>\s]{1,64}\|>")  # tiktoken's <|...|> specials only: a faster scan
 SEGMENT_CACHE_SIZE = 16384
 SEGMENT_CACHE_MIN_CHARS = 32
 
@@ -170,6 +171,8 @@ class CountingEncoder:
         self._size = size
         self._counts: OrderedDict[tuple[int, int], int] = OrderedDict()
         self._lock = threading.Lock()
+        pipes_only = all(t.startswith("<|") and t.endswith("|>") for t in inner.specials)
+        self._shape = _PIPE_SHAPE if pipes_only else _SPECIAL_SHAPE
 
     def encode(self, text: str) -> list[int]:
         return self.inner.encode(text)
@@ -193,7 +196,7 @@ class CountingEncoder:
     def count_rendered(self, text: str) -> int:
         specials = self.inner.specials
         total, start = 0, 0
-        for match in _SPECIAL_SHAPE.finditer(text):
+        for match in self._shape.finditer(text):
             if match.group() in specials:
                 total += self.count(text[start : match.start()]) + 1
                 start = match.end()
