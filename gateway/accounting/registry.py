@@ -8,6 +8,7 @@ use and kept; tokenizer files are loaded once per process by :class:`EncoderCach
 from __future__ import annotations
 
 import fnmatch
+import sys
 import threading
 import tomllib
 from dataclasses import dataclass
@@ -23,7 +24,15 @@ from gateway.accounting.types import Format
 
 __all__ = ["DEFAULT_REGISTRY", "ModelProfile", "Registry", "RegistryError"]
 
-DEFAULT_REGISTRY = Path(__file__).resolve().parents[2] / "tokenizers" / "models.toml"
+def _default_registry() -> Path:
+    """``tokenizers/models.toml`` of the source tree, or the copy a wheel installs under share/."""
+    source = Path(__file__).resolve().parents[2] / "tokenizers" / "models.toml"
+    if source.exists():
+        return source
+    return Path(sys.prefix) / "share" / "llm-metering-gateway" / "tokenizers" / "models.toml"
+
+
+DEFAULT_REGISTRY = _default_registry()
 FORMATS = (
     "mistral-v1",
     "mistral-v2",
