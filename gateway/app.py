@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,11 @@ from gateway.db import open_db
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound, error_body
 from gateway.keys import KeyStore, Principal, load_key_secret
 from gateway.ledger import Ledger
+from gateway.limits_api import LimitsAPI
 from gateway.metrics import Metrics
+from gateway.prices import Price, PriceBook
 from gateway.proxy import Proxy, RouteSpec
+from gateway.quota import LocalQuota
 from gateway.settings import ConfigError, Settings
 from gateway.upstream import build_client
 
@@ -37,8 +41,8 @@ __all__ = ["create_app"]
 
 log = logging.getLogger("gateway")
 
-CHAT = RouteSpec("/chat/completions", needs_model=True, chat=True)
-COMPLETIONS = RouteSpec("/completions", needs_model=True)
+CHAT = RouteSpec("/chat/completions", needs_model=True, chat=True, generates=True)
+COMPLETIONS = RouteSpec("/completions", needs_model=True, generates=True)
 EMBEDDINGS = RouteSpec("/embeddings", needs_model=True)
 MODELS = RouteSpec("/models")
 MODEL = RouteSpec("/models/{model_id}")
@@ -62,10 +66,19 @@ class _Holder:
     """Late-bound resources the lifespan creates and the endpoints use."""
 
     keys: KeyStore | None = None
+    prices: PriceBook | None = None
 
     def authenticate(self, key: str) -> Principal | None:
         assert self.keys is not None, "the app's lifespan has not started"
         return self.keys.authenticate(key)
+
+    def price_book(self) -> PriceBook:
+        assert self.prices is not None, "the app's lifespan has not started"
+        return self.prices
+
+    def price(self, model: str | None, when: float) -> Price:
+        assert self.prices is not None, "the app's lifespan has not started"
+        return self.prices.at(model, when)
 
 
 def create_app(
@@ -87,6 +100,7 @@ def create_app(
         raise ConfigError(f"fallback_model {settings.fallback_model!r} is not in the model registry")
     accountant = Accountant(models, fallback_model=settings.fallback_model)
     metrics = Metrics(registry)
+    quota = LocalQuota()
     client = build_client(settings, transport)
     ledger = Ledger(settings.db)
     proxy = Proxy(
@@ -97,15 +111,21 @@ def create_app(
         max_body_bytes=settings.max_body_bytes,
         accountant=accountant,
         metrics=metrics,
+        quota=quota,
+        prices=holder.price,
+        default_max_tokens=settings.default_max_tokens,
         backend_counts_tools=settings.backend_counts_tools,
     )
+    limits_api = LimitsAPI(quota, holder.price_book, settings.currency)
     count_tokens = CountTokens(accountant, settings.max_body_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         db = open_db(settings.db)
         holder.keys = KeyStore(db, load_key_secret(settings))
+        holder.prices = PriceBook(db)
         recovered = ledger.recover()
+        quota.load(db, time.time())
         if recovered:
             log.warning(
                 "recovered %d request(s) left pending by a previous run (billed as estimates)", recovered
@@ -125,6 +145,9 @@ def create_app(
     routes += [
         Route(prefix + "/chat/completions/count_tokens", count_tokens.handle, methods=["POST"])
         for prefix in ("/v1/openai", "/v1")
+    ]
+    routes += [
+        Route(prefix + "/limits", limits_api.handle, methods=["GET"]) for prefix in ("/v1/openai", "/v1")
     ]
     routes += [Route(path, proxy.endpoint(spec), methods=[method]) for path, spec, method in PROXY_ROUTES]
     app = Starlette(

@@ -18,6 +18,8 @@ from typing import Any
 
 from gateway.db import open_db
 from gateway.keys import KeyError_, KeyInfo, KeyStore, load_key_secret
+from gateway.limits import LIMIT_NAMES, PlanError, PlanStore, format_money, parse_limit, parse_money
+from gateway.prices import DEFAULT_MODEL, Price, PriceBook, PriceError
 from gateway.settings import ConfigError, Settings
 
 __all__ = ["main"]
@@ -37,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2
-    except KeyError_ as exc:
+    except (KeyError_, PlanError, PriceError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -67,8 +69,18 @@ def _parser() -> argparse.ArgumentParser:
     create = keys_sub.add_parser("create", help="create a key and print its secret once (last line)")
     _common(create)
     create.add_argument("--name", required=True, help="customer name, unique")
+    create.add_argument("--plan", help="a plan whose limits apply where the key sets none")
+    _limit_flags(create)
     create.add_argument("--json", action="store_true", help="print the key's details as JSON")
     create.set_defaults(run=_keys_create)
+    update = keys_sub.add_parser("update", help="change a key's plan or limits (from the next request)")
+    _common(update)
+    update.add_argument("key", metavar="ID", help="key id or name")
+    update.add_argument("--plan", help="move the key to this plan")
+    update.add_argument("--no-plan", action="store_true", help="take the key off its plan")
+    _limit_flags(update)
+    update.add_argument("--json", action="store_true", help="print JSON")
+    update.set_defaults(run=_keys_update)
     list_ = keys_sub.add_parser("list", help="list keys (never their secrets)")
     _common(list_)
     list_.add_argument("--json", action="store_true", help="print JSON")
@@ -85,6 +97,42 @@ def _parser() -> argparse.ArgumentParser:
     rotate.set_defaults(run=_keys_rotate)
     keys.set_defaults(run=lambda a: _help(keys))
 
+    plans = sub.add_parser("plans", help="manage plans: named sets of limits that keys share")
+    plans_sub = plans.add_subparsers(title="plans commands", metavar="ACTION")
+    for action, helptext in (("create", "create a plan"), ("update", "change a plan's limits")):
+        p = plans_sub.add_parser(action, help=helptext)
+        _common(p)
+        p.add_argument("name", metavar="NAME")
+        _limit_flags(p)
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(run=_plans_create if action == "create" else _plans_update)
+    plist = plans_sub.add_parser("list", help="list plans")
+    _common(plist)
+    plist.add_argument("--json", action="store_true", help="print JSON")
+    plist.set_defaults(run=_plans_list)
+    pdel = plans_sub.add_parser("delete", help="delete a plan no key uses")
+    _common(pdel)
+    pdel.add_argument("name", metavar="NAME")
+    pdel.set_defaults(run=_plans_delete)
+    plans.set_defaults(run=lambda a: _help(plans))
+
+    prices = sub.add_parser("prices", help="manage prices per model (per million tokens)")
+    prices_sub = prices.add_subparsers(title="prices commands", metavar="ACTION")
+    pset = prices_sub.add_parser("set", help="set a model's price from now (or --effective)")
+    _common(pset)
+    pset.add_argument("model", metavar="MODEL", help="a model id, or 'default' for unlisted models")
+    pset.add_argument("--input", required=True, help="price per million input (message) tokens, e.g. 0.20")
+    pset.add_argument("--tool", help="price per million tool tokens (default: the input price)")
+    pset.add_argument("--output", required=True, help="price per million output tokens")
+    pset.add_argument("--effective", help="when it applies: YYYY-MM-DD (UTC), an ISO time or unix seconds")
+    pset.set_defaults(run=_prices_set)
+    prlist = prices_sub.add_parser("list", help="prices in force now (--history: every price)")
+    _common(prlist)
+    prlist.add_argument("--history", action="store_true", help="every price, past and future")
+    prlist.add_argument("--json", action="store_true", help="print JSON")
+    prlist.set_defaults(run=_prices_list)
+    prices.set_defaults(run=lambda a: _help(prices))
+
     emulator = sub.add_parser("emulator", help="run the bundled backend emulator")
     emulator.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
     emulator.add_argument("--port", type=int, default=9000, help="default 9000")
@@ -92,6 +140,27 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument("--token-latency", type=float, default=0.0, help="seconds between streamed tokens")
     emulator.set_defaults(run=_emulator)
     return parser
+
+
+def _limit_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("limits (a number, or 'none' to clear)")
+    group.add_argument("--tokens-per-day", metavar="N", help="tokens per UTC day")
+    group.add_argument("--tokens-per-month", metavar="N", help="tokens per UTC calendar month")
+    group.add_argument(
+        "--spend-per-month", metavar="AMOUNT", help="spend per month in currency units, e.g. 50.00"
+    )
+    group.add_argument("--rpm", metavar="N", help="requests per minute (sliding)")
+    group.add_argument("--tpm", metavar="N", help="tokens per minute (sliding)")
+    group.add_argument("--max-concurrent", metavar="N", help="requests in flight at once")
+
+
+def _limits_from(args: argparse.Namespace) -> dict[str, int | None]:
+    values = {}
+    for name in LIMIT_NAMES:
+        raw = getattr(args, name, None)
+        if raw is not None:
+            values[name] = parse_limit(name, raw)
+    return values
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -121,9 +190,130 @@ def _print_key(info: KeyInfo, secret: str, as_json: bool, verb: str) -> None:
 
 
 def _keys_create(args: argparse.Namespace) -> int:
-    info, secret = _store(_settings(args)).create(args.name)
+    info, secret = _store(_settings(args)).create(args.name, plan=args.plan, limits=_limits_from(args))
     _print_key(info, secret, args.json, "Created")
     return 0
+
+
+def _keys_update(args: argparse.Namespace) -> int:
+    info = _store(_settings(args)).update(
+        args.key, plan=args.plan, clear_plan=args.no_plan, limits=_limits_from(args)
+    )
+    if args.json:
+        print(json.dumps(info.as_dict()))
+    else:
+        print(
+            f"Updated key {info.id} ({info.name}): plan {info.plan or '-'}; "
+            f"{_describe(info.limits.as_dict())}"
+        )
+    return 0
+
+
+def _describe(limits: dict[str, int | None]) -> str:
+    parts = []
+    for name, value in limits.items():
+        if value is not None:
+            shown = format_money(value) if name == "spend_per_month" else str(value)
+            parts.append(f"{name.replace('_', '-')} {shown}")
+    return ", ".join(parts) or "no limits"
+
+
+def _plan_store(args: argparse.Namespace) -> PlanStore:
+    return PlanStore(open_db(_settings(args).db))
+
+
+def _plans_create(args: argparse.Namespace) -> int:
+    plan = _plan_store(args).create(args.name, _limits_from(args))
+    print(json.dumps(plan) if args.json else f"Created plan {plan['name']}: {_describe(_limits_of(plan))}")
+    return 0
+
+
+def _plans_update(args: argparse.Namespace) -> int:
+    plan = _plan_store(args).update(args.name, _limits_from(args))
+    print(json.dumps(plan) if args.json else f"Updated plan {plan['name']}: {_describe(_limits_of(plan))}")
+    return 0
+
+
+def _plans_list(args: argparse.Namespace) -> int:
+    plans = _plan_store(args).list()
+    if args.json:
+        print(json.dumps(plans))
+    elif not plans:
+        print("No plans yet: create one with `gateway plans create NAME --tokens-per-day N ...`.")
+    else:
+        for plan in plans:
+            print(f"{plan['name']:<20} {_describe(_limits_of(plan))}")
+    return 0
+
+
+def _plans_delete(args: argparse.Namespace) -> int:
+    _plan_store(args).delete(args.name)
+    print(f"Deleted plan {args.name}.")
+    return 0
+
+
+def _limits_of(plan: dict[str, Any]) -> dict[str, int | None]:
+    return {n: plan[n] for n in LIMIT_NAMES}
+
+
+def _prices_set(args: argparse.Namespace) -> int:
+    model = DEFAULT_MODEL if args.model == "default" else args.model
+    input_price = parse_money(args.input)
+    price = Price(input_price, parse_money(args.tool) if args.tool else input_price, parse_money(args.output))
+    settings = _settings(args)
+    saved = PriceBook(open_db(settings.db)).set(model, price, _when(args.effective))
+    print(
+        f"Price for {args.model} from {_utc(saved.effective_from)} UTC, per million tokens: "
+        f"input {format_money(saved.input_per_m)}, tool {format_money(saved.tool_per_m)}, "
+        f"output {format_money(saved.output_per_m)} {settings.currency}"
+    )
+    return 0
+
+
+def _prices_list(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    book = PriceBook(open_db(settings.db))
+    prices = book.history() if args.history else book.current()
+    if args.json:
+        print(json.dumps([p.as_dict() for p in prices]))
+        return 0
+    if not prices:
+        print(
+            "No prices yet: every request costs 0. "
+            "Set one with `gateway prices set default --input ... --output ...`."
+        )
+        return 0
+    print(
+        f"{'MODEL':<44} {'INPUT':>10} {'TOOL':>10} {'OUTPUT':>10}  FROM (UTC)"
+        f"   per million tokens, {settings.currency}"
+    )
+    for p in prices:
+        name = "default" if p.model == DEFAULT_MODEL else p.model
+        print(
+            f"{name:<44} {format_money(p.input_per_m):>10} {format_money(p.tool_per_m):>10} "
+            f"{format_money(p.output_per_m):>10}  {_utc(p.effective_from)}"
+        )
+    return 0
+
+
+def _when(text: str | None) -> float | None:
+    if text is None:
+        return None
+    import datetime as dt
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        parsed = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise PlanError(
+            f"--effective: {text!r} is not a date (YYYY-MM-DD), an ISO time or unix seconds"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.timestamp()
 
 
 def _keys_rotate(args: argparse.Namespace) -> int:

@@ -50,6 +50,38 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # The gateway's own count of the whole prompt: the cross-check against the backend's.
         "ALTER TABLE requests ADD COLUMN counted_prompt_tokens INTEGER",
     ),
+    (
+        # Quotas: named plans, per-key overrides, prices with effective dates (integer micro-units).
+        """CREATE TABLE plans (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            tokens_per_day INTEGER,
+            tokens_per_month INTEGER,
+            spend_per_month INTEGER,
+            rpm INTEGER,
+            tpm INTEGER,
+            max_concurrent INTEGER,
+            created_at REAL NOT NULL
+        )""",
+        "ALTER TABLE keys ADD COLUMN plan_id INTEGER REFERENCES plans(id)",
+        "ALTER TABLE keys ADD COLUMN tokens_per_day INTEGER",
+        "ALTER TABLE keys ADD COLUMN tokens_per_month INTEGER",
+        "ALTER TABLE keys ADD COLUMN spend_per_month INTEGER",
+        "ALTER TABLE keys ADD COLUMN rpm INTEGER",
+        "ALTER TABLE keys ADD COLUMN tpm INTEGER",
+        "ALTER TABLE keys ADD COLUMN max_concurrent INTEGER",
+        """CREATE TABLE prices (
+            id INTEGER PRIMARY KEY,
+            model TEXT NOT NULL,
+            input_per_m INTEGER NOT NULL,
+            tool_per_m INTEGER NOT NULL,
+            output_per_m INTEGER NOT NULL,
+            effective_from REAL NOT NULL,
+            UNIQUE (model, effective_from)
+        )""",
+        "ALTER TABLE requests ADD COLUMN cost_micros INTEGER",
+        "ALTER TABLE requests ADD COLUMN reserved_tokens INTEGER",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

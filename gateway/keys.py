@@ -16,9 +16,11 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import sqlite_utils
 
+from gateway.limits import LIMIT_NAMES, NO_LIMITS, Limits
 from gateway.settings import Settings
 
 __all__ = ["KeyError_", "KeyInfo", "KeyStore", "Principal", "load_key_secret"]
@@ -34,10 +36,12 @@ class KeyError_(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: the customer key a request authenticated with."""
+    """Who is calling: the customer key a request authenticated with, and its effective limits."""
 
     key_id: int
     name: str
+    limits: Limits = NO_LIMITS
+    plan: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +51,9 @@ class KeyInfo:
     prefix: str
     created_at: float
     revoked_at: float | None
+    plan: str | None = None
+    own_limits: Limits = NO_LIMITS  # set on the key itself
+    limits: Limits = NO_LIMITS  # effective: the key's own, else its plan's
 
     @property
     def active(self) -> bool:
@@ -60,6 +67,8 @@ class KeyInfo:
             "created_at": int(self.created_at),
             "revoked_at": None if self.revoked_at is None else int(self.revoked_at),
             "active": self.active,
+            "plan": self.plan,
+            "limits": self.limits.as_dict(),
         }
 
 
@@ -93,25 +102,58 @@ class KeyStore:
     def hash(self, key: str) -> str:
         return hmac.new(self._secret, key.encode(), hashlib.sha256).hexdigest()
 
-    def create(self, name: str) -> tuple[KeyInfo, str]:
+    def create(
+        self, name: str, *, plan: str | None = None, limits: dict[str, int | None] | None = None
+    ) -> tuple[KeyInfo, str]:
         """Mint a key; the secret is returned here and never again."""
         if not _NAME_RE.match(name):
             raise KeyError_(
                 f"invalid key name {name!r}: 1-64 characters, letters, digits and . _ @ -, "
                 "starting with a letter or digit"
             )
+        plan_id = self._plan_id(plan)
+        values = _limit_values(limits)
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         now = time.time()
         try:
             cursor = self._db.execute(
-                "INSERT INTO keys (name, prefix, hash, created_at) VALUES (?, ?, ?, ?)",
-                [name, secret[:10], self.hash(secret), now],
+                f"INSERT INTO keys (name, prefix, hash, created_at, plan_id, {', '.join(LIMIT_NAMES)}) "
+                f"VALUES (?, ?, ?, ?, ?, {', '.join('?' * len(LIMIT_NAMES))})",
+                [name, secret[:10], self.hash(secret), now, plan_id, *(values.get(n) for n in LIMIT_NAMES)],
             )
         except sqlite3.IntegrityError:
             raise KeyError_(f"a key named {name!r} already exists") from None
         key_id = cursor.lastrowid
         assert key_id is not None
-        return KeyInfo(key_id, name, secret[:10], now, None), secret
+        return self.get(key_id), secret
+
+    def update(
+        self,
+        ref: str | int,
+        *,
+        plan: str | None = None,
+        clear_plan: bool = False,
+        limits: dict[str, int | None] | None = None,
+    ) -> KeyInfo:
+        """Change a key's plan or its own limits (None clears one); applies from the next request."""
+        info = self.get(ref)
+        assignments: dict[str, int | None] = dict(_limit_values(limits))
+        if plan is not None:
+            assignments["plan_id"] = self._plan_id(plan)
+        elif clear_plan:
+            assignments["plan_id"] = None
+        if assignments:
+            sql = ", ".join(f"{column} = ?" for column in assignments)
+            self._db.execute(f"UPDATE keys SET {sql} WHERE id = ?", [*assignments.values(), info.id])
+        return self.get(info.id)
+
+    def _plan_id(self, plan: str | None) -> int | None:
+        if plan is None:
+            return None
+        row = self._db.execute("SELECT id FROM plans WHERE name = ?", [plan]).fetchone()
+        if row is None:
+            raise KeyError_(f"no plan {plan!r} (create it with `gateway plans create {plan}`)")
+        return int(row[0])
 
     def rotate(self, ref: str | int) -> tuple[KeyInfo, str]:
         """Replace a key's secret (same id, name and usage); the old secret stops working at once."""
@@ -132,27 +174,62 @@ class KeyStore:
     def get(self, ref: str | int) -> KeyInfo:
         """A key by id (an int or a string of digits) or by name."""
         if isinstance(ref, int) or ref.isdigit():
-            row = self._db.execute(_SELECT + " WHERE id = ?", [int(ref)]).fetchone()
+            row = self._db.execute(_SELECT + _FROM + " WHERE k.id = ?", [int(ref)]).fetchone()
         else:
-            row = self._db.execute(_SELECT + " WHERE name = ?", [ref]).fetchone()
+            row = self._db.execute(_SELECT + _FROM + " WHERE k.name = ?", [ref]).fetchone()
         if row is None:
             raise KeyError_(f"no key {ref!r}")
-        return KeyInfo(*row)
+        return _info(row)
 
     def list(self) -> list[KeyInfo]:
-        return [KeyInfo(*row) for row in self._db.execute(_SELECT + " ORDER BY id").fetchall()]
+        return [_info(row) for row in self._db.execute(_SELECT + _FROM + " ORDER BY k.id").fetchall()]
 
     def authenticate(self, key: str) -> Principal | None:
         """The active key's principal, or None. Malformed keys never reach the database."""
         if not _KEY_RE.match(key):
             return None
         digest = self.hash(key)
+        # One indexed read per request: revocation, plan and limit changes apply at once.
         row = self._db.execute(
-            "SELECT id, name, hash FROM keys WHERE hash = ? AND revoked_at IS NULL", [digest]
+            _SELECT + ", k.hash" + _FROM + " WHERE k.hash = ? AND k.revoked_at IS NULL", [digest]
         ).fetchone()
-        if row is None or not hmac.compare_digest(row[2], digest):
+        if row is None or not hmac.compare_digest(row[-1], digest):
             return None
-        return Principal(row[0], row[1])
+        info = _info(row[:-1])
+        return Principal(info.id, info.name, info.limits, info.plan)
 
 
-_SELECT = "SELECT id, name, prefix, created_at, revoked_at FROM keys"
+_COLUMNS = ", ".join(
+    ["k.id", "k.name", "k.prefix", "k.created_at", "k.revoked_at", "p.name"]
+    + [f"k.{n}" for n in LIMIT_NAMES]
+    + [f"p.{n}" for n in LIMIT_NAMES]
+)
+_SELECT = f"SELECT {_COLUMNS}"
+_FROM = " FROM keys k LEFT JOIN plans p ON p.id = k.plan_id"
+
+
+def _info(row: tuple[Any, ...]) -> KeyInfo:
+    n = len(LIMIT_NAMES)
+    own = Limits(*row[6 : 6 + n])
+    plan = Limits(*row[6 + n : 6 + 2 * n])
+    return KeyInfo(
+        int(row[0]),
+        str(row[1]),
+        str(row[2]),
+        float(row[3]),
+        None if row[4] is None else float(row[4]),
+        None if row[5] is None else str(row[5]),
+        own,
+        own.over(plan),
+    )
+
+
+def _limit_values(limits: dict[str, int | None] | None) -> dict[str, int | None]:
+    values = dict(limits or {})
+    unknown = set(values) - set(LIMIT_NAMES)
+    if unknown:
+        raise KeyError_(f"unknown limit(s): {', '.join(sorted(unknown))}")
+    for name, value in values.items():
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise KeyError_(f"{name} must be a non-negative integer or none")
+    return values

@@ -54,6 +54,8 @@ class Settlement:
     estimated: bool = False
     error: str | None = None
     counted_prompt_tokens: int | None = None
+    cost_micros: int | None = None
+    reserved_tokens: int | None = None
 
 
 _INSERT = (
@@ -63,7 +65,7 @@ _INSERT = (
 _SETTLE = (
     "UPDATE requests SET state = 'settled', status = ?, upstream_ms = ?, first_byte_ms = ?, "
     "duration_ms = ?, prompt_tokens = ?, completion_tokens = ?, tool_tokens = ?, estimated = ?, "
-    "error = ?, counted_prompt_tokens = ? WHERE id = ?"
+    "error = ?, counted_prompt_tokens = ?, cost_micros = ?, reserved_tokens = ? WHERE id = ?"
 )
 
 
@@ -125,6 +127,8 @@ class Ledger:
             int(s.estimated),
             s.error,
             s.counted_prompt_tokens,
+            s.cost_micros,
+            s.reserved_tokens,
             s.id,
         )
         self._queue.put((_SETTLE, params, None))

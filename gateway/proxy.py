@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,8 @@ from gateway.errors import GatewayError, InvalidRequest, UpstreamError, Upstream
 from gateway.keys import Principal
 from gateway.ledger import Ledger, PendingRow, Settlement
 from gateway.metrics import Metrics
+from gateway.prices import Price
+from gateway.quota import Demand, QuotaStore, Rejection, Reservation, WindowState
 from gateway.sse import StreamMeter
 from gateway.upstream import request_headers, response_headers
 
@@ -47,6 +50,21 @@ class RouteSpec:
     upstream_path: str  # appended to the upstream base URL
     needs_model: bool = False
     chat: bool = False
+    generates: bool = False  # produces output tokens (a max_tokens cap applies)
+
+
+class QuotaExceeded(GatewayError):
+    """429, OpenAI-shaped: ``insufficient_quota`` for budgets, ``rate_limit_exceeded`` for rates."""
+
+    status = 429
+
+    def __init__(self, rejection: Rejection, rate_headers: list[tuple[bytes, bytes]]) -> None:
+        headers = {k.decode(): v.decode() for k, v in rate_headers}
+        if rejection.retry_after is not None:
+            headers["retry-after"] = str(rejection.retry_after)
+        super().__init__(rejection.message, code=rejection.kind, param=rejection.limit, headers=headers)
+        self.type = rejection.kind
+        self.rejection = rejection
 
 
 class Proxy:
@@ -62,10 +80,16 @@ class Proxy:
         max_body_bytes: int,
         accountant: Accountant,
         metrics: Metrics,
+        quota: QuotaStore,
+        prices: Callable[[str | None, float], Price],
+        default_max_tokens: int = 1024,
         backend_counts_tools: bool = True,
     ) -> None:
         self.client = client
         self.metrics = metrics
+        self.quota = quota
+        self.prices = prices
+        self.default_max_tokens = default_max_tokens
         self.ledger = ledger
         self.accountant = accountant
         self.backend_counts_tools = backend_counts_tools
@@ -104,38 +128,77 @@ class Proxy:
         stream = strip_usage = False
         meter: _Metering | None = None
         to_count: tuple[str, Any, Any, int] | None = None
+        max_out: int | None = None
+        payload: dict[str, Any] = {}
         if method == "POST":
             body = await read_body(receive, self.max_body_bytes, header(scope, b"content-length"))
             payload = parse_object(body)
             model = _model(payload, required=spec.needs_model)
             stream = _stream_flag(payload)
+            max_out = _max_tokens(payload)
             if spec.chat:
                 messages, tools = chat_parts(payload)
                 assert model is not None
                 to_count = (model, messages, tools, len(body))
-                if stream:
-                    body, strip_usage = _ask_for_stream_usage(payload, body)
+        modified = False
+        if stream and spec.chat:
+            modified = strip_usage = _ask_for_stream_usage(payload)
+
+        limits = principal.limits
+        price = self.prices(model, started_at) if method == "POST" else None
+        demand = Demand(0, 0)
+        counted: Accounting | None = None
+        if limits.budgets_tokens and method == "POST":
+            # A budget needs the request's size before it is forwarded: count now, not overlapped.
+            if to_count is not None:
+                counted = await self._count(*to_count)
+                meter = _Metering(counted, bool(to_count[2]))
+                to_count = None
+            if max_out is None and spec.generates:
+                # Without a cap the output is unbounded: reserve the configured cap and enforce it.
+                max_out = payload["max_tokens"] = self.default_max_tokens
+                modified = True
+            prompt = counted.prompt_tokens if counted else len(body) // 2 + 1
+            tool = counted.tool_tokens if counted else 0
+            assert price is not None
+            demand = Demand(
+                prompt + (max_out or 0),
+                price.cost(input_tokens=prompt, tool_tokens=tool, output_tokens=max_out or 0),
+            )
+        if modified:
+            body = json.dumps(payload, ensure_ascii=False).encode()
+        reservation: Reservation | None = None
+        rate_headers: list[tuple[bytes, bytes]] = []
+        if limits.any:
+            now = time.time()
+            result = await self.quota.reserve(principal.key_id, limits, demand, now)
+            rate_headers = rate_limit_headers(self.quota.windows(principal.key_id, limits, now), now)
+            if isinstance(result, Rejection):
+                raise QuotaExceeded(result, rate_headers)
+            reservation = result
+
         path = self.base + spec.upstream_path.format(**scope.get("path_params", {}))
         query = scope.get("query_string", b"")
         url = path + "?" + query.decode("latin-1") if query else path
         upstream_request = self.client.build_request(
             method, url, headers=request_headers(scope["headers"], self.api_key), content=body or None
         )
-
-        await self.ledger.pending(
-            PendingRow(request_id, principal.key_id, model, spec.upstream_path, stream, started_at)
-        )
-        settlement = Settlement(request_id, status=0)
+        settlement = Settlement(request_id, status=0, reserved_tokens=demand.tokens if reservation else None)
         counting: asyncio.Task[Accounting | None] | None = None
+        served = False
         try:
+            await self.ledger.pending(
+                PendingRow(request_id, principal.key_id, model, spec.upstream_path, stream, started_at)
+            )
             if to_count is not None:
                 # Counting overlaps the backend's work: it runs once the request is on its way.
                 counting = asyncio.create_task(self._count(*to_count))
             response = await self._send(upstream_request, settlement)
+            served = response.is_success
             if counting is not None:
                 meter = _Metering(await counting, bool(to_count and to_count[2]))
             settlement.upstream_ms = (time.perf_counter() - t0) * 1000
-            headers = [*response_headers(response.headers), id_header]
+            headers = [*response_headers(response.headers), id_header, *rate_headers]
             if response.headers.get("content-type", "").startswith("text/event-stream"):
                 await self._relay_stream(response, headers, settlement, strip_usage, t0, receive, send, meter)
             else:
@@ -152,6 +215,15 @@ class Proxy:
             if counting is not None and not counting.done():
                 counting.cancel()
             settlement.duration_ms = (time.perf_counter() - t0) * 1000
+            used = (settlement.prompt_tokens or 0) + (settlement.completion_tokens or 0) if served else 0
+            if served and price is not None:
+                settlement.cost_micros = price.cost(
+                    input_tokens=settlement.prompt_tokens or 0,
+                    tool_tokens=settlement.tool_tokens or 0,
+                    output_tokens=settlement.completion_tokens or 0,
+                )
+            if reservation is not None:
+                self.quota.settle(reservation, used, settlement.cost_micros or 0, time.time())
             self.ledger.settle(settlement)
             self.metrics.record(
                 model=model,
@@ -372,7 +444,7 @@ def _stream_flag(payload: dict[str, Any]) -> bool:
     return stream
 
 
-def _ask_for_stream_usage(payload: dict[str, Any], body: bytes) -> tuple[bytes, bool]:
+def _ask_for_stream_usage(payload: dict[str, Any]) -> bool:
     """Make the backend report usage at the end of a stream; True if the client did not ask."""
     options = payload.get("stream_options")
     if options is None:
@@ -380,9 +452,62 @@ def _ask_for_stream_usage(payload: dict[str, Any], body: bytes) -> tuple[bytes, 
     if not isinstance(options, dict):
         raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
     if options.get("include_usage") is True:
-        return body, False
+        return False
     payload["stream_options"] = {**options, "include_usage": True}
-    return json.dumps(payload, ensure_ascii=False).encode(), True
+    return True
+
+
+def _max_tokens(payload: dict[str, Any]) -> int | None:
+    """The client's output cap (``max_completion_tokens`` wins over ``max_tokens``), checked."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = payload.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidRequest(f"'{name}' must be a non-negative integer.", param=name)
+        return value
+    return None
+
+
+def rate_limit_headers(windows: list[WindowState], now: float) -> list[tuple[bytes, bytes]]:
+    """OpenAI's x-ratelimit-* headers, from the key's per-minute windows (tokens: the tightest budget)."""
+    headers: list[tuple[bytes, bytes]] = []
+    by_name = {w.name: w for w in windows}
+    requests = by_name.get("rpm")
+    if requests is not None:
+        headers += _window_headers("requests", requests, now)
+    tokens = by_name.get("tpm") or min(
+        (w for w in windows if w.name in ("tokens_per_day", "tokens_per_month")),
+        key=lambda w: w.remaining,
+        default=None,
+    )
+    if tokens is not None:
+        headers += _window_headers("tokens", tokens, now)
+    return headers
+
+
+def _window_headers(kind: str, window: WindowState, now: float) -> list[tuple[bytes, bytes]]:
+    return [
+        (f"x-ratelimit-limit-{kind}".encode(), str(window.limit).encode()),
+        (f"x-ratelimit-remaining-{kind}".encode(), str(window.remaining).encode()),
+        (f"x-ratelimit-reset-{kind}".encode(), _duration(window.resets_at - now).encode()),
+    ]
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: 20ms, 1s, 6m0s, 1h2m3s."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{int(seconds * 1000)}ms"
+    total = int(seconds + 0.999)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
 
 
 _MALFORMED = object()

@@ -61,6 +61,11 @@ class Settings:
     # A registry model whose tokenizer counts models the registry does not know (as estimates).
     # Unset: count_tokens refuses unknown models, and their proxied tool tokens stay unknown.
     fallback_model: str | None = None
+    # Output tokens reserved (and sent upstream as max_tokens) for a key with token or spend
+    # budgets when the client sets no max_tokens: without a cap a budget could be overshot.
+    default_max_tokens: int = 1024
+    # The operator's currency; prices and spend limits are integer micro-units of it.
+    currency: str = "USD"
     config_file: str | None = None
     # The operator's model registry tables ([tokenizers.*], [[models]]) from the config file.
     registry: dict[str, Any] = field(default_factory=dict, repr=False)

@@ -24,6 +24,7 @@ from gateway.accounting.types import Format
 
 __all__ = ["DEFAULT_REGISTRY", "ModelProfile", "Registry", "RegistryError"]
 
+
 def _default_registry() -> Path:
     """``tokenizers/models.toml`` of the source tree, or the copy a wheel installs under share/."""
     source = Path(__file__).resolve().parents[2] / "tokenizers" / "models.toml"

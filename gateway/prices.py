@@ -1,0 +1,113 @@
+"""Prices per model, with effective dates, in integer micro-units per million tokens.
+
+A price row applies from its ``effective_from`` until a newer row for the same model; the
+model ``*`` is the default for unlisted models. A request is priced at the price in force when
+it started, and its cost is stored on its ledger row, so a later change never rewrites history.
+
+>>> Price(200_000, 400_000, 800_000).cost(input_tokens=1000, tool_tokens=200, output_tokens=50)
+280
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import sqlite_utils
+
+__all__ = ["DEFAULT_MODEL", "Price", "PriceBook", "PriceError"]
+
+DEFAULT_MODEL = "*"
+PER = 1_000_000  # prices are per million tokens
+
+
+class PriceError(Exception):
+    """A price operation cannot be done; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    input_per_m: int  # micro-units per million message (non-tool) input tokens
+    tool_per_m: int  # micro-units per million tool tokens
+    output_per_m: int  # micro-units per million output tokens
+    model: str = DEFAULT_MODEL
+    effective_from: float = 0.0
+
+    def cost(self, *, input_tokens: int, tool_tokens: int, output_tokens: int) -> int:
+        """Micro-units for a request; ``input_tokens`` includes ``tool_tokens`` (billed at the tool price).
+
+        Integer arithmetic throughout; rounded half up to a whole micro-unit.
+        """
+        tool = min(tool_tokens, input_tokens)
+        total = (
+            (input_tokens - tool) * self.input_per_m
+            + tool * self.tool_per_m
+            + output_tokens * self.output_per_m
+        )
+        return (total + PER // 2) // PER
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "input_per_million": self.input_per_m,
+            "tool_per_million": self.tool_per_m,
+            "output_per_million": self.output_per_m,
+            "effective_from": int(self.effective_from),
+        }
+
+
+FREE = Price(0, 0, 0)
+
+
+class PriceBook:
+    def __init__(self, db: sqlite_utils.Database) -> None:
+        self._db = db
+
+    def set(self, model: str, price: Price, effective_from: float | None = None) -> Price:
+        when = time.time() if effective_from is None else effective_from
+        for name, value in (
+            ("input", price.input_per_m),
+            ("tool", price.tool_per_m),
+            ("output", price.output_per_m),
+        ):
+            if value < 0:
+                raise PriceError(f"the {name} price must not be negative")
+        try:
+            self._db.execute(
+                "INSERT INTO prices (model, input_per_m, tool_per_m, output_per_m, effective_from) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [model, price.input_per_m, price.tool_per_m, price.output_per_m, when],
+            )
+        except sqlite3.IntegrityError:
+            raise PriceError(f"{model!r} already has a price effective at that moment") from None
+        return Price(price.input_per_m, price.tool_per_m, price.output_per_m, model, when)
+
+    def at(self, model: str | None, when: float) -> Price:
+        """The price in force for ``model`` at ``when``: its own, else the default, else free."""
+        row = self._db.execute(
+            "SELECT input_per_m, tool_per_m, output_per_m, model, effective_from FROM prices "
+            "WHERE model IN (?, ?) AND effective_from <= ? "
+            "ORDER BY model = ? , effective_from DESC LIMIT 1",
+            [model or DEFAULT_MODEL, DEFAULT_MODEL, when, DEFAULT_MODEL],
+        ).fetchone()
+        return Price(*row) if row else FREE
+
+    def current(self, when: float | None = None) -> list[Price]:
+        """The price in force now for every priced model (the default included)."""
+        now = time.time() if when is None else when
+        rows = self._db.execute(
+            "SELECT p.input_per_m, p.tool_per_m, p.output_per_m, p.model, p.effective_from FROM prices p "
+            "WHERE p.effective_from = (SELECT max(q.effective_from) FROM prices q "
+            "WHERE q.model = p.model AND q.effective_from <= ?) ORDER BY p.model",
+            [now],
+        ).fetchall()
+        return [Price(*r) for r in rows]
+
+    def history(self) -> list[Price]:
+        rows = self._db.execute(
+            "SELECT input_per_m, tool_per_m, output_per_m, model, effective_from FROM prices "
+            "ORDER BY model, effective_from"
+        ).fetchall()
+        return [Price(*r) for r in rows]

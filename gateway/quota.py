@@ -1,0 +1,342 @@
+"""Quota enforcement: check + reserve before forwarding, settle to actual usage after.
+
+``QuotaStore`` is the narrow interface (a Redis implementation can serve several replicas
+later: reserve and settle are each one atomic step). ``LocalQuota`` is the single-process
+implementation: the event loop runs ``reserve`` without yielding, so check and reserve are
+one atomic step; settled usage is durable in the ledger, from which the state is rebuilt at
+start. Reservations live only in memory: a crash cannot leak one.
+
+Periods come from timestamps alone: UTC calendar day and month, and a sliding minute.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import sqlite_utils
+
+from gateway.limits import Limits
+
+__all__ = ["Demand", "LocalQuota", "QuotaStore", "Rejection", "Reservation", "WindowState"]
+
+MINUTE = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    tokens: int  # counted prompt (tools included) + the output cap
+    spend: int  # micro-units, at the price in force
+
+
+@dataclass(slots=True)
+class Reservation:
+    key_id: int
+    demand: Demand
+    day: str
+    month: str
+    started_at: float
+    released: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    kind: str  # "insufficient_quota" (budgets) or "rate_limit_exceeded" (rates)
+    limit: str  # which limit, e.g. tokens_per_day
+    message: str
+    retry_after: int | None  # seconds; None when waiting cannot help
+
+
+@dataclass(frozen=True, slots=True)
+class WindowState:
+    name: str
+    limit: int
+    used: int
+    reserved: int
+    resets_at: float
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.used - self.reserved)
+
+
+class QuotaStore(Protocol):
+    async def reserve(
+        self, key_id: int, limits: Limits, demand: Demand, now: float
+    ) -> Reservation | Rejection: ...
+
+    def settle(self, reservation: Reservation, tokens: int, spend: int, now: float) -> None: ...
+
+    def windows(self, key_id: int, limits: Limits, now: float) -> list[WindowState]: ...
+
+
+@dataclass
+class _KeyState:
+    day: str = ""
+    day_tokens: int = 0
+    month: str = ""
+    month_tokens: int = 0
+    month_spend: int = 0
+    requests: deque[float] = field(default_factory=deque)  # request starts in the sliding minute
+    tokens: deque[tuple[float, int]] = field(default_factory=deque)  # settled tokens in the minute
+    minute_tokens: int = 0
+    reserved_tokens: int = 0
+    reserved_spend: int = 0
+    in_flight: int = 0
+
+    def roll(self, now: float) -> None:
+        day, month = _day(now), _month(now)
+        if self.day != day:
+            self.day, self.day_tokens = day, 0
+        if self.month != month:
+            self.month, self.month_tokens, self.month_spend = month, 0, 0
+        horizon = now - MINUTE
+        while self.requests and self.requests[0] <= horizon:
+            self.requests.popleft()
+        while self.tokens and self.tokens[0][0] <= horizon:
+            self.minute_tokens -= self.tokens.popleft()[1]
+
+
+class LocalQuota:
+    def __init__(self) -> None:
+        self._keys: dict[int, _KeyState] = {}
+
+    def load(self, db: sqlite_utils.Database, now: float) -> None:
+        """Rebuild settled usage for the current day, month and minute from the ledger."""
+        month_start = _month_start(now)
+        day_start = _day_start(now)
+        rows = db.execute(
+            "SELECT key_id, started_at, coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0), "
+            "coalesce(cost_micros, 0) FROM requests WHERE started_at >= ? AND state != 'pending'",
+            [month_start],
+        ).fetchall()
+        for key_id, started_at, tokens, spend in rows:
+            state = self._state(key_id, now)
+            state.month_tokens += tokens
+            state.month_spend += spend
+            if started_at >= day_start:
+                state.day_tokens += tokens
+            if started_at > now - MINUTE:
+                state.requests.append(started_at)
+                state.tokens.append((started_at, tokens))
+                state.minute_tokens += tokens
+        for state in self._keys.values():
+            state.requests = deque(sorted(state.requests))
+            state.tokens = deque(sorted(state.tokens))
+
+    def _state(self, key_id: int, now: float) -> _KeyState:
+        state = self._keys.get(key_id)
+        if state is None:
+            state = self._keys[key_id] = _KeyState()
+        state.roll(now)
+        return state
+
+    async def reserve(
+        self, key_id: int, limits: Limits, demand: Demand, now: float
+    ) -> Reservation | Rejection:
+        # No await in here: on one event loop, check and reserve are a single atomic step.
+        state = self._state(key_id, now)
+        rejection = _check(state, limits, demand, now)
+        if rejection is not None:
+            return rejection
+        state.reserved_tokens += demand.tokens
+        state.reserved_spend += demand.spend
+        state.in_flight += 1
+        state.requests.append(now)
+        return Reservation(key_id, demand, state.day, state.month, now)
+
+    def settle(self, reservation: Reservation, tokens: int, spend: int, now: float) -> None:
+        """Replace the reservation by what was used (0 and 0 releases it). Idempotent."""
+        if reservation.released:
+            return
+        reservation.released = True
+        state = self._state(reservation.key_id, now)
+        state.reserved_tokens -= reservation.demand.tokens
+        state.reserved_spend -= reservation.demand.spend
+        state.in_flight -= 1
+        # Usage counts in the period the request started in (as the ledger and /v1/usage do).
+        if state.day == reservation.day:
+            state.day_tokens += tokens
+        if state.month == reservation.month:
+            state.month_tokens += tokens
+            state.month_spend += spend
+        if tokens:
+            state.tokens.append((now, tokens))
+            state.minute_tokens += tokens
+
+    def windows(self, key_id: int, limits: Limits, now: float) -> list[WindowState]:
+        state = self._state(key_id, now)
+        out = []
+        if limits.rpm is not None:
+            reset = state.requests[0] + MINUTE if state.requests else now
+            out.append(WindowState("rpm", limits.rpm, len(state.requests), 0, reset))
+        if limits.tpm is not None:
+            reset = state.tokens[0][0] + MINUTE if state.tokens else now
+            out.append(WindowState("tpm", limits.tpm, state.minute_tokens, state.reserved_tokens, reset))
+        if limits.tokens_per_day is not None:
+            out.append(
+                WindowState(
+                    "tokens_per_day",
+                    limits.tokens_per_day,
+                    state.day_tokens,
+                    state.reserved_tokens,
+                    _day_start(now) + 86400,
+                )
+            )
+        if limits.tokens_per_month is not None:
+            out.append(
+                WindowState(
+                    "tokens_per_month",
+                    limits.tokens_per_month,
+                    state.month_tokens,
+                    state.reserved_tokens,
+                    _next_month_start(now),
+                )
+            )
+        if limits.spend_per_month is not None:
+            out.append(
+                WindowState(
+                    "spend_per_month",
+                    limits.spend_per_month,
+                    state.month_spend,
+                    state.reserved_spend,
+                    _next_month_start(now),
+                )
+            )
+        if limits.max_concurrent is not None:
+            out.append(WindowState("max_concurrent", limits.max_concurrent, state.in_flight, 0, now))
+        return out
+
+    def outstanding(self) -> tuple[int, int]:
+        """(in-flight requests, reserved tokens) over all keys: both 0 when idle, or a leak."""
+        return (
+            sum(s.in_flight for s in self._keys.values()),
+            sum(s.reserved_tokens for s in self._keys.values()),
+        )
+
+
+def _check(state: _KeyState, limits: Limits, demand: Demand, now: float) -> Rejection | None:
+    if limits.max_concurrent is not None and state.in_flight + 1 > limits.max_concurrent:
+        return Rejection(
+            "rate_limit_exceeded",
+            "max_concurrent",
+            f"Too many concurrent requests: the limit is {limits.max_concurrent}; retry when one finishes.",
+            1,
+        )
+    if limits.rpm is not None and len(state.requests) + 1 > limits.rpm:
+        wait = state.requests[0] + MINUTE - now if state.requests else MINUTE
+        return Rejection(
+            "rate_limit_exceeded",
+            "rpm",
+            f"Rate limit reached for requests per minute: limit {limits.rpm}. Try again in {_human(wait)}.",
+            _ceil(wait),
+        )
+    budgets: list[tuple[str, int | None, int, int, int, float, str]] = [
+        ("tpm", limits.tpm, state.minute_tokens, state.reserved_tokens, demand.tokens, 0.0, "tokens"),
+        (
+            "tokens_per_day",
+            limits.tokens_per_day,
+            state.day_tokens,
+            state.reserved_tokens,
+            demand.tokens,
+            _day_start(now) + 86400,
+            "tokens",
+        ),
+        (
+            "tokens_per_month",
+            limits.tokens_per_month,
+            state.month_tokens,
+            state.reserved_tokens,
+            demand.tokens,
+            _next_month_start(now),
+            "tokens",
+        ),
+        (
+            "spend_per_month",
+            limits.spend_per_month,
+            state.month_spend,
+            state.reserved_spend,
+            demand.spend,
+            _next_month_start(now),
+            "micro-units",
+        ),
+    ]
+    for name, limit, used, reserved, wanted, resets_at, unit in budgets:
+        if limit is None:
+            continue
+        kind = "rate_limit_exceeded" if name == "tpm" else "insufficient_quota"
+        if wanted > limit:
+            return Rejection(
+                kind,
+                name,
+                f"Request too large for {name}: limit {limit} {unit}, requested {wanted} "
+                "(counted prompt and tools plus max_tokens). Reduce the input or max_tokens.",
+                None,
+            )
+        if used + reserved + wanted > limit:
+            wait = _tpm_wait(state, limit, reserved + wanted, now) if name == "tpm" else resets_at - now
+            return Rejection(
+                kind,
+                name,
+                f"Limit reached for {name}: limit {limit} {unit}, used {used}, reserved {reserved}, "
+                f"requested {wanted}. It frees up in {_human(wait)}.",
+                _ceil(wait),
+            )
+    return None
+
+
+def _tpm_wait(state: _KeyState, limit: int, needed: int, now: float) -> float:
+    """Seconds until enough settled tokens leave the sliding minute for ``needed`` more to fit."""
+    excess = state.minute_tokens + needed - limit
+    for ts, tokens in state.tokens:
+        excess -= tokens
+        if excess <= 0:
+            return ts + MINUTE - now
+    return MINUTE  # reservations in flight must settle first
+
+
+def _ceil(seconds: float) -> int:
+    return max(1, math.ceil(seconds))
+
+
+def _human(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{math.ceil(seconds)}s"
+    minutes, secs = divmod(math.ceil(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes}m"
+
+
+def _utc(now: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(now, dt.UTC)
+
+
+def _day(now: float) -> str:
+    return _utc(now).strftime("%Y-%m-%d")
+
+
+def _month(now: float) -> str:
+    return _utc(now).strftime("%Y-%m")
+
+
+def _day_start(now: float) -> float:
+    d = _utc(now)
+    return calendar.timegm((d.year, d.month, d.day, 0, 0, 0))
+
+
+def _month_start(now: float) -> float:
+    d = _utc(now)
+    return calendar.timegm((d.year, d.month, 1, 0, 0, 0))
+
+
+def _next_month_start(now: float) -> float:
+    d = _utc(now)
+    year, month = (d.year + 1, 1) if d.month == 12 else (d.year, d.month + 1)
+    return calendar.timegm((year, month, 1, 0, 0, 0))

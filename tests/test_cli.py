@@ -1,0 +1,123 @@
+"""The operator's CLI, through its entry point: output, exit codes, clean errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway.cli import main
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_keys_create_prints_the_key_last_and_json_details(
+    capsys: pytest.CaptureFixture[str], db_path: str
+) -> None:
+    code, out, _ = run(capsys, "keys", "create", "--name", "acme", "--db", db_path)
+    assert code == 0 and out.strip().splitlines()[-1].startswith("gw-")
+    code, out, _ = run(capsys, "keys", "create", "--name", "globex", "--db", db_path, "--json", "--rpm", "60")
+    details = json.loads(out)
+    assert details["limits"]["rpm"] == 60 and details["key"].startswith("gw-")
+
+
+def test_plans_keys_and_limits(capsys: pytest.CaptureFixture[str], db_path: str) -> None:
+    assert (
+        run(
+            capsys,
+            "plans",
+            "create",
+            "pro",
+            "--tokens-per-day",
+            "1000",
+            "--spend-per-month",
+            "12.50",
+            "--db",
+            db_path,
+        )[0]
+        == 0
+    )
+    run(capsys, "keys", "create", "--name", "acme", "--plan", "pro", "--tpm", "500", "--db", db_path)
+    code, out, _ = run(capsys, "keys", "update", "acme", "--max-concurrent", "2", "--json", "--db", db_path)
+    limits = json.loads(out)["limits"]
+    assert limits == {
+        "tokens_per_day": 1000,
+        "tokens_per_month": None,
+        "spend_per_month": 12_500_000,
+        "rpm": None,
+        "tpm": 500,
+        "max_concurrent": 2,
+    }
+    run(capsys, "plans", "update", "pro", "--tokens-per-day", "none", "--db", db_path)
+    code, out, _ = run(capsys, "keys", "update", "acme", "--no-plan", "--json", "--db", db_path)
+    assert (
+        code == 0 and json.loads(out)["plan"] is None and json.loads(out)["limits"]["tokens_per_day"] is None
+    )
+    _code, out, _ = run(capsys, "plans", "list", "--json", "--db", db_path)
+    assert json.loads(out)[0]["name"] == "pro"
+    assert run(capsys, "plans", "delete", "pro", "--db", db_path)[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["keys", "create", "--name", "x", "--rpm", "-1"], "must not be negative"),
+        (["keys", "create", "--name", "x", "--rpm", "lots"], "not a whole number"),
+        (["keys", "create", "--name", "x", "--spend-per-month", "1.0000001"], "more than 6 decimals"),
+        (["keys", "create", "--name", "x", "--plan", "nope"], "no plan 'nope'"),
+        (["keys", "revoke", "42"], "no key '42'"),
+        (["plans", "delete", "nope"], "no plan 'nope'"),
+        (["prices", "set", "m", "--input", "abc", "--output", "1"], "not an amount"),
+        (["prices", "set", "m", "--input", "1", "--output", "1", "--effective", "soon"], "is not a date"),
+    ],
+)
+def test_bad_input_is_a_clean_error(
+    capsys: pytest.CaptureFixture[str], db_path: str, args: list[str], message: str
+) -> None:
+    code, _, err = run(capsys, *args, "--db", db_path)
+    assert code == 1 and message in err and "Traceback" not in err
+
+
+def test_prices_with_effective_dates(capsys: pytest.CaptureFixture[str], db_path: str) -> None:
+    run(
+        capsys,
+        "prices",
+        "set",
+        "default",
+        "--input",
+        "0.20",
+        "--output",
+        "0.80",
+        "--effective",
+        "2026-01-01",
+        "--db",
+        db_path,
+    )
+    run(
+        capsys,
+        "prices",
+        "set",
+        "default",
+        "--input",
+        "0.30",
+        "--output",
+        "0.90",
+        "--effective",
+        "2099-01-01",
+        "--db",
+        db_path,
+    )
+    code, out, _ = run(capsys, "prices", "list", "--json", "--db", db_path)
+    assert code == 0
+    (current,) = json.loads(out)
+    assert (current["model"], current["input_per_million"], current["tool_per_million"]) == (
+        "*",
+        200_000,
+        200_000,
+    )
+    _code, out, _ = run(capsys, "prices", "list", "--history", "--db", db_path)
+    assert out.count("default") == 2

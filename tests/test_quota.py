@@ -1,0 +1,138 @@
+"""LocalQuota: check + reserve + settle, windows derived from timestamps, nothing leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+
+import pytest
+
+from gateway.limits import Limits
+from gateway.quota import Demand, LocalQuota, Rejection, Reservation
+
+NOON = calendar.timegm((2026, 11, 24, 12, 0, 0))
+
+
+def reserve(q: LocalQuota, limits: Limits, tokens: int = 10, spend: int = 0, now: float = NOON) -> object:
+    return asyncio.run(q.reserve(1, limits, Demand(tokens, spend), now))
+
+
+def test_budget_admits_what_fits_and_refuses_the_rest_saying_why() -> None:
+    q = LocalQuota()
+    limits = Limits(tokens_per_day=30)
+    held = [reserve(q, limits) for _ in range(3)]
+    assert all(isinstance(r, Reservation) for r in held)
+    refused = reserve(q, limits)
+    assert isinstance(refused, Rejection)
+    assert (refused.kind, refused.limit) == ("insufficient_quota", "tokens_per_day")
+    assert "tokens_per_day" in refused.message and "frees up in 12h0m" in refused.message
+    assert refused.retry_after == 12 * 3600
+
+
+def test_settling_below_the_reservation_frees_the_difference() -> None:
+    q = LocalQuota()
+    limits = Limits(tokens_per_day=30)
+    first = reserve(q, limits, tokens=20)
+    assert isinstance(first, Reservation)
+    assert isinstance(reserve(q, limits, tokens=20), Rejection)
+    q.settle(first, 5, 0, NOON + 1)
+    assert isinstance(reserve(q, limits, tokens=20), Reservation)
+    q.settle(first, 5, 0, NOON + 1)  # idempotent: a second settle changes nothing
+    assert q.outstanding() == (1, 20)
+
+
+def test_a_request_that_cannot_fit_alone_is_refused_at_once_without_retry() -> None:
+    refused = reserve(LocalQuota(), Limits(tokens_per_month=100), tokens=101)
+    assert isinstance(refused, Rejection) and refused.retry_after is None
+    assert "Request too large for tokens_per_month" in refused.message
+
+
+def test_the_day_resets_at_utc_midnight_from_timestamps_alone() -> None:
+    q = LocalQuota()
+    limits = Limits(tokens_per_day=10)
+    r = reserve(q, limits, tokens=10, now=NOON)
+    assert isinstance(r, Reservation)
+    q.settle(r, 10, 0, NOON + 5)
+    assert isinstance(reserve(q, limits, tokens=1, now=NOON + 6), Rejection)
+    midnight = calendar.timegm((2026, 11, 25, 0, 0, 0))
+    assert isinstance(reserve(q, limits, tokens=10, now=midnight + 1), Reservation)
+
+
+def test_month_and_spend() -> None:
+    q = LocalQuota()
+    limits = Limits(tokens_per_month=100, spend_per_month=1_000)
+    r = reserve(q, limits, tokens=10, spend=900)
+    assert isinstance(r, Reservation)
+    refused = reserve(q, limits, tokens=10, spend=200)
+    assert isinstance(refused, Rejection) and refused.limit == "spend_per_month"
+    q.settle(r, 10, 100, NOON + 1)
+    assert isinstance(reserve(q, limits, tokens=10, spend=200), Reservation)
+    next_month = calendar.timegm((2026, 12, 1, 0, 0, 1))
+    windows = {w.name: w for w in q.windows(1, limits, next_month)}
+    assert windows["spend_per_month"].used == 0 and windows["tokens_per_month"].used == 0
+
+
+def test_requests_per_minute_slide() -> None:
+    q = LocalQuota()
+    limits = Limits(rpm=2)
+    for t in (0, 10):
+        r = reserve(q, limits, now=NOON + t)
+        assert isinstance(r, Reservation)
+        q.settle(r, 1, 0, NOON + t)
+    refused = reserve(q, limits, now=NOON + 30)
+    assert (
+        isinstance(refused, Rejection) and refused.kind == "rate_limit_exceeded" and refused.retry_after == 30
+    )
+    assert isinstance(reserve(q, limits, now=NOON + 60.5), Reservation)
+
+
+def test_tokens_per_minute_count_reservations_and_settled_tokens() -> None:
+    q = LocalQuota()
+    limits = Limits(tpm=100)
+    r = reserve(q, limits, tokens=60)
+    assert isinstance(r, Reservation)
+    assert isinstance(reserve(q, limits, tokens=50), Rejection)
+    q.settle(r, 60, 0, NOON + 1)
+    refused = reserve(q, limits, tokens=50, now=NOON + 2)
+    assert isinstance(refused, Rejection) and refused.retry_after == 59
+    assert isinstance(reserve(q, limits, tokens=50, now=NOON + 62), Reservation)
+
+
+def test_concurrency() -> None:
+    q = LocalQuota()
+    limits = Limits(max_concurrent=2)
+    a, b = reserve(q, limits), reserve(q, limits)
+    refused = reserve(q, limits)
+    assert isinstance(refused, Rejection) and refused.limit == "max_concurrent"
+    assert isinstance(a, Reservation) and isinstance(b, Reservation)
+    q.settle(a, 0, 0, NOON)
+    assert isinstance(reserve(q, limits), Reservation)
+
+
+def test_limits_fall_back_to_the_plan() -> None:
+    key = Limits(rpm=5)
+    plan = Limits(rpm=100, tokens_per_day=1000)
+    assert key.over(plan) == Limits(rpm=5, tokens_per_day=1000)
+
+
+@pytest.mark.parametrize("limits", [Limits(tokens_per_day=10**9), Limits(rpm=10**6), Limits()])
+def test_concurrent_reservations_never_exceed_and_never_leak(limits: Limits) -> None:
+    async def run() -> tuple[int, int]:
+        q = LocalQuota()
+        tight = Limits(tokens_per_day=150, max_concurrent=40).over(limits)
+
+        async def one() -> bool:
+            r = await q.reserve(1, tight, Demand(10, 0), NOON)
+            if isinstance(r, Rejection):
+                return False
+            await asyncio.sleep(0.01)
+            q.settle(r, 10, 0, NOON)
+            return True
+
+        results = await asyncio.gather(*(one() for _ in range(60)))
+        assert q.outstanding() == (0, 0)
+        day = next(w for w in q.windows(1, tight, NOON) if w.name == "tokens_per_day")
+        return sum(results), day.used
+
+    admitted, used = asyncio.run(run())
+    assert admitted == 15 and used == 150

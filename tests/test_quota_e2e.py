@@ -1,0 +1,171 @@
+"""Quotas on a real server under real concurrency: never overshot, never leaked, clearly refused."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from gateway.app import create_app
+from gateway.db import open_db
+from gateway.emulator.app import create_emulator_app
+from gateway.keys import KeyStore, load_key_secret
+from gateway.prices import Price, PriceBook
+from gateway.settings import Settings
+from tests.conftest import SEED_MESSAGES, ledger_rows
+from tests.servers import ServerThread
+
+pytestmark = pytest.mark.e2e
+V3 = "mistralai/Mistral-7B-Instruct-v0.3"  # the seed message counts 11 prompt tokens
+DEMAND = 11 + 5  # prompt + max_tokens
+
+
+def _store(settings: Settings) -> KeyStore:
+    return KeyStore(open_db(settings.db), load_key_secret(settings))
+
+
+@pytest.fixture
+def slow_backend() -> Any:
+    with ServerThread(create_emulator_app(latency=0.5)) as server:
+        yield server
+
+
+def test_sixty_simultaneous_requests_against_a_budget_that_fits_fifteen(
+    make_settings: Callable[..., Settings], slow_backend: ServerThread, db_path: str
+) -> None:
+    settings = make_settings(upstream_url=slow_backend.url + "/v1/openai")
+    _, key = _store(settings).create("acme", limits={"tokens_per_day": 15 * DEMAND})
+    with ServerThread(create_app(settings)) as gateway:
+
+        async def fire() -> list[Any]:
+            client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30)
+
+            async def one() -> Any:
+                try:
+                    return await client.chat.completions.create(
+                        model=V3, messages=SEED_MESSAGES, max_tokens=5
+                    )
+                except openai.RateLimitError as exc:
+                    return exc
+
+            return await asyncio.gather(*(one() for _ in range(60)))
+
+        results = asyncio.run(fire())
+        limits = httpx.get(gateway.url + "/v1/limits", headers={"Authorization": f"Bearer {key}"}).json()
+    served = [r for r in results if not isinstance(r, Exception)]
+    refused = [r for r in results if isinstance(r, openai.RateLimitError)]
+    assert len(served) == 15 and len(refused) == 45
+    error = refused[0].body
+    assert error["type"] == "insufficient_quota" and error["param"] == "tokens_per_day"
+    assert "tokens_per_day" in error["message"] and refused[0].response.headers["retry-after"]
+    rows = ledger_rows(db_path)
+    assert len(rows) == 15  # refused requests never reached the backend
+    used = sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
+    assert used <= 15 * DEMAND
+    (day,) = [w for w in limits["limits"] if w["name"] == "tokens_per_day"]
+    assert (day["used"], day["reserved"], day["limit"]) == (used, 0, 15 * DEMAND)
+
+
+def test_rate_headers_limits_endpoint_prices_and_live_limit_changes(
+    make_settings: Callable[..., Settings], emulator: ServerThread, db_path: str
+) -> None:
+    settings = make_settings(upstream_url=emulator.url + "/v1/openai")
+    store = _store(settings)
+    _, key = store.create("acme", limits={"rpm": 3, "tpm": 10_000})
+    PriceBook(open_db(settings.db)).set("*", Price(200_000, 100_000, 800_000), effective_from=0)
+    auth = {"Authorization": f"Bearer {key}"}
+    body = {"model": V3, "messages": SEED_MESSAGES}
+    with ServerThread(create_app(settings)) as gateway:
+        first = httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=auth)
+        assert first.status_code == 200
+        assert first.headers["x-ratelimit-limit-requests"] == "3"
+        assert first.headers["x-ratelimit-remaining-requests"] == "2"
+        assert first.headers["x-ratelimit-reset-requests"].endswith("s")
+        assert first.headers["x-ratelimit-limit-tokens"] == "10000"
+        assert int(first.headers["x-ratelimit-remaining-tokens"]) < 10000
+        httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=auth)
+        httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=auth)
+        limited = httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=auth)
+        assert limited.status_code == 429
+        assert limited.json()["error"]["type"] == "rate_limit_exceeded"
+        assert 1 <= int(limited.headers["retry-after"]) <= 60
+        assert limited.headers["x-ratelimit-remaining-requests"] == "0"
+        # The operator raises the limit in another process: it applies from the next request.
+        store.update("acme", limits={"rpm": 100})
+        assert httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=auth).status_code == 200
+        limits = httpx.get(gateway.url + "/v1/openai/limits", headers=auth).json()
+    by_name = {w["name"]: w for w in limits["limits"]}
+    assert by_name["rpm"]["limit"] == 100 and by_name["rpm"]["used"] == 4
+    assert limits["prices"]["currency"] == "USD"
+    assert limits["prices"]["models"][0]["input_per_million"] == 200_000
+    rows = ledger_rows(db_path)
+    # 11 prompt tokens at 0.20/M and the answer's tokens at 0.80/M, in micro-units, rounded.
+    assert all(
+        r["cost_micros"] == (11 * 200_000 + r["completion_tokens"] * 800_000 + 500_000) // 1_000_000
+        for r in rows
+    )
+
+
+def test_missing_max_tokens_is_capped_for_budgeted_keys(
+    make_settings: Callable[..., Settings], db_path: str
+) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def backend(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        return httpx.Response(
+            200, json={"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 3}}
+        )
+
+    settings = make_settings(default_max_tokens=64)
+    _, key = _store(settings).create("acme", limits={"tokens_per_month": 1000})
+    from starlette.testclient import TestClient
+
+    with TestClient(create_app(settings, transport=httpx.MockTransport(backend))) as client:
+        resp = client.post(
+            "/v1/chat/completions",
+            json={"model": V3, "messages": SEED_MESSAGES},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        too_big = client.post(
+            "/v1/chat/completions",
+            json={"model": V3, "messages": SEED_MESSAGES, "max_tokens": 5000},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        negative = client.post(
+            "/v1/chat/completions",
+            json={"model": V3, "messages": SEED_MESSAGES, "max_tokens": -1},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+    assert resp.status_code == 200 and seen[0]["max_tokens"] == 64
+    assert too_big.status_code == 429 and "Request too large" in too_big.json()["error"]["message"]
+    assert "retry-after" not in too_big.headers
+    assert negative.status_code == 400 and negative.json()["error"]["param"] == "max_tokens"
+    assert len(seen) == 1
+    assert [r["reserved_tokens"] for r in ledger_rows(db_path)] == [11 + 64]
+
+
+def test_backend_failure_releases_the_reservation(
+    make_settings: Callable[..., Settings], emulator: ServerThread
+) -> None:
+    settings = make_settings(upstream_url=emulator.url + "/v1/openai")
+    _, key = _store(settings).create("acme", limits={"tokens_per_day": 100, "max_concurrent": 1})
+    auth = {"Authorization": f"Bearer {key}"}
+    body = {"model": V3, "messages": SEED_MESSAGES, "max_tokens": 5}
+    with ServerThread(create_app(settings)) as gateway:
+        for _ in range(3):
+            failed = httpx.post(
+                gateway.url + "/v1/chat/completions", json=body, headers={**auth, "x-emulator-status": "503"}
+            )
+            assert failed.status_code == 503
+        ok = httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=auth)
+        limits = httpx.get(gateway.url + "/v1/limits", headers=auth).json()
+    assert ok.status_code == 200
+    by_name = {w["name"]: w for w in limits["limits"]}
+    assert by_name["max_concurrent"]["used"] == 0 and by_name["tokens_per_day"]["reserved"] == 0
+    assert by_name["tokens_per_day"]["used"] == ok.json()["usage"]["total_tokens"]
