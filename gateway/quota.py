@@ -87,13 +87,17 @@ class _KeyState:
     reserved_tokens: int = 0
     reserved_spend: int = 0
     in_flight: int = 0
+    period_start: float = 0.0  # [period_start, period_end): day and month cannot change inside
+    period_end: float = 0.0
 
     def roll(self, now: float) -> None:
-        day, month = _day(now), _month(now)
-        if self.day != day:
-            self.day, self.day_tokens = day, 0
-        if self.month != month:
-            self.month, self.month_tokens, self.month_spend = month, 0, 0
+        if not self.period_start <= now < self.period_end:
+            day, month = _day(now), _month(now)
+            if self.day != day:
+                self.day, self.day_tokens = day, 0
+            if self.month != month:
+                self.month, self.month_tokens, self.month_spend = month, 0, 0
+            self.period_start, self.period_end = _day_start(now), _day_start(now) + 86400
         horizon = now - MINUTE
         while self.requests and self.requests[0] <= horizon:
             self.requests.popleft()

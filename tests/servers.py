@@ -30,7 +30,7 @@ class ServerThread:
         self.sock.bind(("127.0.0.1", 0))
         self.port = int(self.sock.getsockname()[1])
         self.server = uvicorn.Server(
-            uvicorn.Config(app, log_level="warning", access_log=False, loop="asyncio", **config)
+            uvicorn.Config(app, **{"log_level": "warning", "access_log": False, "loop": "asyncio", **config})
         )
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
