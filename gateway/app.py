@@ -115,6 +115,7 @@ def create_app(
         prices=holder.price,
         default_max_tokens=settings.default_max_tokens,
         backend_counts_tools=settings.backend_counts_tools,
+        emulate_tool_streams=settings.emulate_tool_streams,
     )
     limits_api = LimitsAPI(quota, holder.price_book, settings.currency)
     count_tokens = CountTokens(accountant, settings.max_body_bytes)

@@ -32,6 +32,7 @@ from gateway.metrics import Metrics
 from gateway.prices import Price
 from gateway.quota import Demand, QuotaStore, Rejection, Reservation, WindowState
 from gateway.sse import StreamMeter
+from gateway.stream_emulation import sse_events
 from gateway.upstream import request_headers, response_headers
 
 __all__ = ["REQUEST_ID_HEADER", "Proxy"]
@@ -84,7 +85,9 @@ class Proxy:
         prices: Callable[[str | None, float], Price],
         default_max_tokens: int = 1024,
         backend_counts_tools: bool = True,
+        emulate_tool_streams: bool = True,
     ) -> None:
+        self.emulate_tool_streams = emulate_tool_streams
         self.client = client
         self.metrics = metrics
         self.quota = quota
@@ -141,7 +144,14 @@ class Proxy:
                 assert model is not None
                 to_count = (model, messages, tools, len(body))
         modified = False
-        if stream and spec.chat:
+        replay: bool | None = None  # emulated tool stream: whether the client asked for usage
+        if stream and spec.chat and payload.get("tools") and self.emulate_tool_streams:
+            # This backend refuses streams with tools: ask for the whole answer, replay it as chunks.
+            replay = _client_wants_usage(payload)
+            payload.pop("stream", None)
+            payload.pop("stream_options", None)
+            modified = True
+        elif stream and spec.chat:
             modified = strip_usage = _ask_for_stream_usage(payload)
 
         limits = principal.limits
@@ -200,9 +210,11 @@ class Proxy:
             settlement.upstream_ms = (time.perf_counter() - t0) * 1000
             headers = [*response_headers(response.headers), id_header, *rate_headers]
             if response.headers.get("content-type", "").startswith("text/event-stream"):
-                await self._relay_stream(response, headers, settlement, strip_usage, t0, receive, send, meter)
+                await self._relay_stream(
+                    response, headers, settlement, strip_usage, t0, receive, send, meter, model
+                )
             else:
-                await self._relay_whole(response, headers, settlement, send, meter)
+                await self._relay_whole(response, headers, settlement, send, meter, replay, t0)
         except GatewayError as exc:
             settlement.status = exc.status
             settlement.error = exc.message
@@ -249,6 +261,16 @@ class Proxy:
             # Accounting must never fail a request the backend may serve: record it as unknown.
             log.exception("counting failed for model %r", model)
         return None
+
+    def _text_counter(self, model: str | None) -> Callable[[str], int | None]:
+        def count(text: str) -> int | None:
+            try:
+                return self.accountant.count_text(model, text) if model else None
+            except Exception:
+                log.exception("counting streamed text failed for model %r", model)
+                return None
+
+        return count
 
     def _bill(self, settlement: Settlement, meter: _Metering | None) -> None:
         """Split the served request's input into message and tool tokens (chat routes)."""
@@ -306,6 +328,8 @@ class Proxy:
         settlement: Settlement,
         send: Send,
         meter: _Metering | None,
+        replay: bool | None = None,
+        t0: float = 0.0,
     ) -> None:
         try:
             content = await response.aread()
@@ -330,11 +354,32 @@ class Proxy:
                 details = details if isinstance(details, dict) else {}
                 usage["prompt_tokens_details"] = {**details, "tool_tokens": settlement.tool_tokens}
                 content = json.dumps(obj, ensure_ascii=False).encode()
+            if replay is not None and isinstance(obj, dict):
+                await self._replay(obj, replay, headers, settlement, send, t0)
+                return
         else:
             settlement.error = f"backend status {response.status_code}"
         headers.append((b"content-length", str(len(content)).encode()))
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": content})
+
+    async def _replay(
+        self,
+        completion: dict[str, Any],
+        include_usage: bool,
+        headers: list[tuple[bytes, bytes]],
+        settlement: Settlement,
+        send: Send,
+        t0: float,
+    ) -> None:
+        """Send a whole completion as the stream the client asked for (OpenAI's chunk format)."""
+        headers = [(k, v) for k, v in headers if k != b"content-type"]
+        headers += [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        settlement.first_byte_ms = (time.perf_counter() - t0) * 1000
+        for event in sse_events(completion, include_usage):
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
 
     async def _relay_stream(
         self,
@@ -346,6 +391,7 @@ class Proxy:
         receive: Receive,
         send: Send,
         metering: _Metering | None,
+        model: str | None = None,
     ) -> None:
         settlement.status = response.status_code
         meter = StreamMeter(strip_usage_chunk=strip_usage)
@@ -382,7 +428,7 @@ class Proxy:
         finally:
             watcher.cancel()
             await response.aclose()
-            _settle_stream(settlement, meter)
+            _settle_stream(settlement, meter, self._text_counter(model))
             if response.is_success:
                 self._bill(settlement, metering)
 
@@ -455,6 +501,13 @@ def _ask_for_stream_usage(payload: dict[str, Any]) -> bool:
         return False
     payload["stream_options"] = {**options, "include_usage": True}
     return True
+
+
+def _client_wants_usage(payload: dict[str, Any]) -> bool:
+    options = payload.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
+    return bool(options and options.get("include_usage") is True)
 
 
 def _max_tokens(payload: dict[str, Any]) -> int | None:
@@ -547,14 +600,16 @@ def chat_parts(payload: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict
     return messages, tools or None
 
 
-def _settle_stream(settlement: Settlement, meter: StreamMeter) -> None:
+def _settle_stream(settlement: Settlement, meter: StreamMeter, count: Callable[[str], int | None]) -> None:
     usage = meter.usage
     if usage is not None:
         settlement.prompt_tokens = _int(usage.get("prompt_tokens"))
         settlement.completion_tokens = _int(usage.get("completion_tokens"))
     elif meter.events:
-        # No usage arrived (cut short, or a backend that never sends it): an estimate, marked so.
-        settlement.completion_tokens = meter.events
+        # No usage arrived (cut short, or a backend that never sends it): the streamed text,
+        # counted with the model's tokenizer (else one token per event), marked an estimate.
+        counted = count(meter.text())
+        settlement.completion_tokens = counted if counted is not None else meter.events
         settlement.estimated = True
 
 

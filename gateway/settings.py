@@ -61,6 +61,9 @@ class Settings:
     # A registry model whose tokenizer counts models the registry does not know (as estimates).
     # Unset: count_tokens refuses unknown models, and their proxied tool tokens stay unknown.
     fallback_model: str | None = None
+    # The backend refuses `stream: true` with tools (the seed's backend does): the gateway asks it
+    # without streaming and streams the answer back in OpenAI's chunk format. Off: pass through.
+    emulate_tool_streams: bool = True
     # Output tokens reserved (and sent upstream as max_tokens) for a key with token or spend
     # budgets when the client sets no max_tokens: without a cap a budget could be overshot.
     default_max_tokens: int = 1024

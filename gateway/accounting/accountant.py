@@ -73,6 +73,15 @@ class Accountant:
             format=profile.format_name,
         )
 
+    def count_text(self, model: str, text: str) -> int | None:
+        """Tokens of plain text (e.g. a streamed answer) with the model's tokenizer; None if unknown."""
+        try:
+            profile, _ = self.profile(model)
+        except UnknownModel:
+            return None
+        encoder = getattr(profile.format, "encoder", None)
+        return None if encoder is None else int(encoder.count(text))
+
     async def acount(self, model: str, messages: Messages, tools: Tools | None, size: int) -> Accounting:
         # A first use loads a tokenizer file (up to a second for tekken): never on the loop.
         if size > OFFLOAD_BYTES or not self.registry.ready(model):
