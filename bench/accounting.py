@@ -28,28 +28,9 @@ from gateway.accounting.chat_template import ChatTemplateFormat
 from gateway.accounting.mistral import MistralFormat, tools_json
 from gateway.accounting.registry import Registry
 from gateway.accounting.types import text_of
+from gateway.emulator.seed import SEED_MESSAGES, SEED_TOOLS
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "seal_tools.jsonl"
-SEED_TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_current_weather",
-            "description": "Get the current weather in a given location",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "location": {
-                        "type": "string",
-                        "description": "The city and state, e.g. San Francisco, CA",
-                    }
-                },
-                "required": ["location"],
-            },
-        },
-    }
-]
-SEED_MESSAGES = [{"role": "user", "content": "What is the weather in San Francisco?"}]
 MODELS = {
     "mistral-v3 (sentencepiece)": "mistralai/Mistral-7B-Instruct-v0.3",
     "mistral-v3 (tekken)": "mistralai/Mistral-Nemo-Instruct-2407",

@@ -26,22 +26,11 @@ from typing import Any
 
 import httpx
 
+from gateway.emulator.seed import SEED_MESSAGES, SEED_TOOLS
+
 MODEL = "mistralai/Mistral-7B-Instruct-v0.3"
-MESSAGES = [{"role": "user", "content": "What is the weather in San Francisco?"}]
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_current_weather",
-            "description": "Get the current weather in a given location",
-            "parameters": {
-                "type": "object",
-                "properties": {"location": {"type": "string", "description": "The city and state"}},
-                "required": ["location"],
-            },
-        },
-    }
-]
+MESSAGES = SEED_MESSAGES
+TOOLS = SEED_TOOLS
 
 
 def first_token_and_done(client: httpx.Client, url: str, body: dict[str, Any]) -> tuple[float, float]:

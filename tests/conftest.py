@@ -10,31 +10,13 @@ import pytest
 from gateway.app import create_app
 from gateway.db import open_db
 from gateway.emulator.app import create_emulator_app
+from gateway.emulator.seed import SEED_MESSAGES, SEED_MODEL, SEED_TOOLS
 from gateway.keys import KeyStore, load_key_secret
 from gateway.settings import Settings
 from tests.servers import ServerThread
 
-SEED_MODEL = "mistralai/Mistral-7B-Instruct-v0.1"
-SEED_TOOLS: list[dict[str, Any]] = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_current_weather",
-            "description": "Get the current weather in a given location",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "location": {
-                        "type": "string",
-                        "description": "The city and state, e.g. San Francisco, CA",
-                    }
-                },
-                "required": ["location"],
-            },
-        },
-    }
-]
-SEED_MESSAGES: list[dict[str, Any]] = [{"role": "user", "content": "What is the weather in San Francisco?"}]
+__all__ = ["CORPUS", "SEED_MESSAGES", "SEED_MODEL", "SEED_TOOLS", "corpus_tools", "ledger_rows"]
+
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "seal_tools.jsonl"
 
 
