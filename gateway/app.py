@@ -36,6 +36,7 @@ from gateway.proxy import Proxy, RouteSpec
 from gateway.quota import LocalQuota
 from gateway.settings import ConfigError, Settings
 from gateway.upstream import build_client
+from gateway.validation import ChatRules
 
 __all__ = ["create_app"]
 
@@ -76,6 +77,11 @@ class _Holder:
         assert self.prices is not None, "the app's lifespan has not started"
         return self.prices
 
+    def recovery_cost(self, model: str | None, when: float, input_tokens: int, output_tokens: int) -> int:
+        return self.price(model, when).cost(
+            input_tokens=input_tokens, tool_tokens=0, output_tokens=output_tokens
+        )
+
     def price(self, model: str | None, when: float) -> Price:
         assert self.prices is not None, "the app's lifespan has not started"
         return self.prices.at(model, when)
@@ -100,6 +106,8 @@ def create_app(
         raise ConfigError(f"fallback_model {settings.fallback_model!r} is not in the model registry")
     accountant = Accountant(models, fallback_model=settings.fallback_model)
     metrics = Metrics(registry)
+    choices = tuple(c.strip() for c in settings.tool_choices.split(",") if c.strip())
+    rules = ChatRules(settings.max_tools, settings.max_schema_depth, choices or None)
     quota = LocalQuota()
     client = build_client(settings, transport)
     ledger = Ledger(settings.db)
@@ -116,16 +124,17 @@ def create_app(
         default_max_tokens=settings.default_max_tokens,
         backend_counts_tools=settings.backend_counts_tools,
         emulate_tool_streams=settings.emulate_tool_streams,
+        rules=rules,
     )
     limits_api = LimitsAPI(quota, holder.price_book, settings.currency)
-    count_tokens = CountTokens(accountant, settings.max_body_bytes)
+    count_tokens = CountTokens(accountant, settings.max_body_bytes, rules)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         db = open_db(settings.db)
         holder.keys = KeyStore(db, load_key_secret(settings))
         holder.prices = PriceBook(db)
-        recovered = ledger.recover()
+        recovered = ledger.recover(holder.recovery_cost)
         quota.load(db, time.time())
         if recovered:
             log.warning(

@@ -17,24 +17,25 @@ from gateway.accounting.encoders import TokenizerFileError
 from gateway.accounting.types import FormatError
 from gateway.asgi import read_body
 from gateway.errors import InvalidRequest, NotFound, UpstreamError
-from gateway.proxy import _model, chat_parts, parse_object
+from gateway.validation import ChatRules, parse_object, require_model
 
 __all__ = ["CountTokens"]
 
 
 class CountTokens:
-    def __init__(self, accountant: Accountant, max_body_bytes: int) -> None:
+    def __init__(self, accountant: Accountant, max_body_bytes: int, rules: ChatRules | None = None) -> None:
         self.accountant = accountant
         self.max_body_bytes = max_body_bytes
+        self.rules = rules or ChatRules()
 
     async def handle(self, request: Request) -> Response:
         body = await read_body(
             request.receive, self.max_body_bytes, request.headers.get("content-length", "").encode() or None
         )
         payload = parse_object(body)
-        model = _model(payload, required=True)
+        model = require_model(payload, required=True)
         assert model is not None
-        messages, tools = chat_parts(payload)
+        messages, tools = self.rules.check(payload)
         try:
             counted = await self.accountant.acount(model, messages, tools, len(body))
         except UnknownModel as exc:

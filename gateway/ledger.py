@@ -39,6 +39,10 @@ class PendingRow:
     route: str
     stream: bool
     started_at: float
+    # What the request may cost, kept so that a row the process never settled can be billed:
+    # the prompt (counted, or estimated from the body) and the output cap.
+    prompt_estimate: int | None = None
+    output_estimate: int | None = None
 
 
 @dataclass(slots=True)
@@ -59,8 +63,8 @@ class Settlement:
 
 
 _INSERT = (
-    "INSERT INTO requests (id, key_id, model, route, stream, state, started_at) "
-    "VALUES (?, ?, ?, ?, ?, 'pending', ?)"
+    "INSERT INTO requests (id, key_id, model, route, stream, state, started_at, prompt_tokens, "
+    "reserved_tokens) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)"
 )
 _SETTLE = (
     "UPDATE requests SET state = 'settled', status = ?, upstream_ms = ?, first_byte_ms = ?, "
@@ -88,15 +92,29 @@ class Ledger:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
-    def recover(self) -> int:
-        """Mark rows left pending by a previous process as recovered estimates; returns how many."""
+    def recover(self, cost: Callable[[str | None, float, int, int], int] | None = None) -> int:
+        """Bill rows left pending by a process that died, at their reserved estimate.
+
+        The backend may have served them: the prompt estimate and the output cap stand in for the
+        usage it never reported, ``cost`` prices them (model, started_at, input, output), and the
+        rows are marked ``recovered`` and ``estimated``. Returns how many.
+        """
         db = open_db(self._path)
         try:
-            cursor = db.execute(
-                "UPDATE requests SET state = 'recovered', estimated = 1, "
-                "error = 'gateway stopped before the request settled' WHERE state = 'pending'"
-            )
-            return cursor.rowcount
+            rows = db.execute(
+                "SELECT id, model, started_at, coalesce(prompt_tokens, 0), coalesce(reserved_tokens, 0) "
+                "FROM requests WHERE state = 'pending'"
+            ).fetchall()
+            with db.conn:
+                db.execute("BEGIN")
+                for request_id, model, started_at, prompt, reserved in rows:
+                    output = max(0, reserved - prompt)
+                    db.execute(
+                        "UPDATE requests SET state = 'recovered', estimated = 1, completion_tokens = ?, "
+                        "cost_micros = ?, error = 'gateway stopped before the request settled' WHERE id = ?",
+                        [output, cost(model, started_at, prompt, output) if cost else None, request_id],
+                    )
+            return len(rows)
         finally:
             db.conn.close()
 
@@ -110,7 +128,19 @@ class Ledger:
         """Write the pending row and wait until it is committed."""
         assert self._loop is not None, "Ledger.start() was not called"
         future: asyncio.Future[None] = self._loop.create_future()
-        params = (row.id, row.key_id, row.model, row.route, int(row.stream), row.started_at)
+        reserved = None
+        if row.prompt_estimate is not None or row.output_estimate is not None:
+            reserved = (row.prompt_estimate or 0) + (row.output_estimate or 0)
+        params = (
+            row.id,
+            row.key_id,
+            row.model,
+            row.route,
+            int(row.stream),
+            row.started_at,
+            row.prompt_estimate,
+            reserved,
+        )
         self._queue.put((_INSERT, params, future))
         await future
 

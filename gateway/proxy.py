@@ -34,6 +34,7 @@ from gateway.quota import Demand, QuotaStore, Rejection, Reservation, WindowStat
 from gateway.sse import StreamMeter
 from gateway.stream_emulation import sse_events
 from gateway.upstream import request_headers, response_headers
+from gateway.validation import ChatRules, max_tokens, parse_object, require_model, stream_flag
 
 __all__ = ["REQUEST_ID_HEADER", "Proxy"]
 
@@ -86,8 +87,10 @@ class Proxy:
         default_max_tokens: int = 1024,
         backend_counts_tools: bool = True,
         emulate_tool_streams: bool = True,
+        rules: ChatRules | None = None,
     ) -> None:
         self.emulate_tool_streams = emulate_tool_streams
+        self.rules = rules or ChatRules()
         self.client = client
         self.metrics = metrics
         self.quota = quota
@@ -136,11 +139,11 @@ class Proxy:
         if method == "POST":
             body = await read_body(receive, self.max_body_bytes, header(scope, b"content-length"))
             payload = parse_object(body)
-            model = _model(payload, required=spec.needs_model)
-            stream = _stream_flag(payload)
-            max_out = _max_tokens(payload)
+            model = require_model(payload, required=spec.needs_model)
+            stream = stream_flag(payload)
+            max_out = max_tokens(payload)
             if spec.chat:
-                messages, tools = chat_parts(payload)
+                messages, tools = self.rules.check(payload)
                 assert model is not None
                 to_count = (model, messages, tools, len(body))
         modified = False
@@ -198,7 +201,18 @@ class Proxy:
         served = False
         try:
             await self.ledger.pending(
-                PendingRow(request_id, principal.key_id, model, spec.upstream_path, stream, started_at)
+                PendingRow(
+                    request_id,
+                    principal.key_id,
+                    model,
+                    spec.upstream_path,
+                    stream,
+                    started_at,
+                    prompt_estimate=counted.prompt_tokens if counted else len(body) // 4 + 1 if body else 0,
+                    output_estimate=max_out
+                    if max_out is not None
+                    else (self.default_max_tokens if spec.generates else 0),
+                )
             )
             if to_count is not None:
                 # Counting overlaps the backend's work: it runs once the request is on its way.
@@ -455,41 +469,6 @@ class _Endpoint:
         await self.proxy.handle(self.spec, scope, receive, send)
 
 
-def parse_object(body: bytes) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 that says what is wrong with it."""
-    if not body:
-        raise InvalidRequest("The request body is empty; expected a JSON object.", code="invalid_json")
-    try:
-        payload = json.loads(body)
-    except UnicodeDecodeError:
-        raise InvalidRequest("The request body is not valid UTF-8.", code="invalid_encoding") from None
-    except ValueError as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(payload, dict):
-        raise InvalidRequest(
-            f"The request body must be a JSON object, not {type(payload).__name__}.", code="invalid_json"
-        )
-    return payload
-
-
-def _model(payload: dict[str, Any], *, required: bool) -> str | None:
-    model = payload.get("model")
-    if model is None and not required:
-        return None
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("'model' is required and must be a non-empty string.", param="model")
-    return model
-
-
-def _stream_flag(payload: dict[str, Any]) -> bool:
-    stream = payload.get("stream", False)
-    if stream is None:
-        return False
-    if not isinstance(stream, bool):
-        raise InvalidRequest("'stream' must be a boolean.", param="stream")
-    return stream
-
-
 def _ask_for_stream_usage(payload: dict[str, Any]) -> bool:
     """Make the backend report usage at the end of a stream; True if the client did not ask."""
     options = payload.get("stream_options")
@@ -508,18 +487,6 @@ def _client_wants_usage(payload: dict[str, Any]) -> bool:
     if options is not None and not isinstance(options, dict):
         raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
     return bool(options and options.get("include_usage") is True)
-
-
-def _max_tokens(payload: dict[str, Any]) -> int | None:
-    """The client's output cap (``max_completion_tokens`` wins over ``max_tokens``), checked."""
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = payload.get(name)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise InvalidRequest(f"'{name}' must be a non-negative integer.", param=name)
-        return value
-    return None
 
 
 def rate_limit_headers(windows: list[WindowState], now: float) -> list[tuple[bytes, bytes]]:
@@ -575,29 +542,6 @@ def _json_of(content: bytes, content_type: str) -> Any:
     except ValueError:
         return _MALFORMED
     return obj if isinstance(obj, dict) else _MALFORMED
-
-
-def chat_parts(payload: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-    """A chat request's messages and tools, checked for the shapes counting relies on."""
-    messages = payload.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("'messages' must be a non-empty array.", param="messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise InvalidRequest(f"messages[{i}] must be an object with a string 'role'.", param="messages")
-    tools = payload.get("tools")
-    if tools is None:
-        return messages, None
-    if not isinstance(tools, list):
-        raise InvalidRequest("'tools' must be an array.", param="tools")
-    for i, tool in enumerate(tools):
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise InvalidRequest(
-                f"tools[{i}] must be an object with a 'function' object that has a string 'name'.",
-                param="tools",
-            )
-    return messages, tools or None
 
 
 def _settle_stream(settlement: Settlement, meter: StreamMeter, count: Callable[[str], int | None]) -> None:

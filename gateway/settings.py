@@ -55,6 +55,9 @@ class Settings:
     # Latency the embedded demo emulator adds per answer (only used without upstream_url).
     emulator_latency: float = 0.0
     log_level: str = "info"
+    # Addresses of reverse proxies whose X-Forwarded-For/-Proto the server may believe
+    # (comma-separated). Empty: forwarding headers from clients are never trusted.
+    trusted_proxies: str = ""
     # Whether the backend's usage.prompt_tokens already include the injected tools (vLLM and
     # DeepInfra: yes). If not, the gateway adds its own tool count; never both.
     backend_counts_tools: bool = True
@@ -64,6 +67,12 @@ class Settings:
     # The backend refuses `stream: true` with tools (the seed's backend does): the gateway asks it
     # without streaming and streams the answer back in OpenAI's chunk format. Off: pass through.
     emulate_tool_streams: bool = True
+    # The backend's documented limits, enforced before forwarding (a clear 400 instead of the
+    # backend's): the tool_choice values it accepts (comma-separated; empty: any), how many tools
+    # a request may carry, how deep a tool's parameter schema may nest.
+    tool_choices: str = "auto,none"
+    max_tools: int = 128
+    max_schema_depth: int = 32
     # Output tokens reserved (and sent upstream as max_tokens) for a key with token or spend
     # budgets when the client sets no max_tokens: without a cap a budget could be overshot.
     default_max_tokens: int = 1024

@@ -84,11 +84,46 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClien
         yield c, key
 
 
+@pytest.fixture(scope="module")
+def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, str]]:
+    """The proxy in front of a backend that always answers: whatever fails is the gateway's doing."""
+    from gateway.db import open_db
+    from gateway.keys import KeyStore, load_key_secret
+
+    db = str(tmp_path_factory.mktemp("fuzz") / "gateway.db")
+    settings = Settings(db=db, upstream_url="http://upstream.test/v1")
+    key = KeyStore(open_db(db), load_key_secret(settings)).create(
+        "fuzz", limits={"tokens_per_month": 10**12, "max_concurrent": 10}
+    )[1]
+    answer = {
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+    }
+    ok: Callable[[httpx.Request], httpx.Response] = lambda r: httpx.Response(200, json=answer)  # noqa: E731
+    with TestClient(create_app(settings, transport=httpx.MockTransport(ok))) as c:
+        yield c, key
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=BODY)
 def test_never_5xx(client: tuple[TestClient, str], body: dict[str, Any]) -> None:
     c, key = client
     resp = c.post("/v1/chat/completions/count_tokens", json=body, headers={"Authorization": f"Bearer {key}"})
     assert resp.status_code in (200, 400, 404), (resp.status_code, resp.text, body)
+    if resp.status_code != 200:
+        assert set(resp.json()["error"]) >= {"message", "type", "code"}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=BODY, stream=st.booleans(), max_tokens=st.none() | st.integers(-5, 10**6) | JSON)
+def test_the_proxy_never_answers_5xx_of_its_own(
+    proxied: tuple[TestClient, str], body: dict[str, Any], stream: bool, max_tokens: Any
+) -> None:
+    c, key = proxied
+    body = {**body, "stream": stream}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    resp = c.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+    assert resp.status_code in (200, 400, 429), (resp.status_code, resp.text, body)
     if resp.status_code != 200:
         assert set(resp.json()["error"]) >= {"message", "type", "code"}

@@ -134,13 +134,18 @@ def test_backend_error_reaches_the_openai_client_and_the_ledger(
 ) -> None:
     gateway = live_gateway()
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=new_key("acme"), max_retries=0)
-    with pytest.raises(openai.BadRequestError, match="only 'auto' or 'none'"):
+    with pytest.raises(openai.InternalServerError, match="emulated backend failure"):
+        client.chat.completions.create(
+            model=SEED_MODEL, messages=SEED_MESSAGES, extra_headers={"x-emulator-status": "503"}
+        )
+    # A tool_choice the backend does not support is refused up front: it never reaches the backend.
+    with pytest.raises(openai.BadRequestError, match="not supported by this backend"):
         client.chat.completions.create(
             model=SEED_MODEL, messages=SEED_MESSAGES, tools=SEED_TOOLS, tool_choice="required"
         )
     gateway.__exit__(None, None, None)
     (row,) = ledger_rows(db_path)
-    assert row["status"] == 400
+    assert (row["status"], row["error"]) == (503, "backend status 503")
 
 
 def _cli(*args: str, cwd: Path) -> str:
@@ -209,10 +214,28 @@ def test_killed_gateway_loses_no_forwarded_request(tmp_path: Path, emulator: Ser
     server.kill()
     caller.join()
     assert [r["state"] for r in ledger_rows(db)] == ["pending"]
+    # A price is set while the gateway is down: the recovered row is billed at its reserved estimate.
+    _cli(
+        "prices",
+        "set",
+        "default",
+        "--input",
+        "1",
+        "--output",
+        "2",
+        "--effective",
+        "2000-01-01",
+        "--db",
+        db,
+        cwd=tmp_path,
+    )
     server = GatewayProcess(*args, cwd=tmp_path).start()
     server.stop()
     (row,) = ledger_rows(db)
     assert (row["state"], row["estimated"], row["model"]) == ("recovered", 1, SEED_MODEL)
+    # No max_tokens in the request: the default cap (1024) stands in for the unknown output.
+    assert row["prompt_tokens"] > 0 and row["completion_tokens"] == 1024
+    assert row["cost_micros"] == (row["prompt_tokens"] * 1_000_000 + 1024 * 2_000_000 + 500_000) // 1_000_000
 
 
 def test_demo_mode_serves_the_emulator_and_prints_a_working_key(tmp_path: Path) -> None:

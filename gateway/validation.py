@@ -1,0 +1,132 @@
+"""Checks on request bodies, before anything is counted, reserved or forwarded.
+
+Every failure is a 400 (``InvalidRequest``) whose message names the field and what is wrong.
+The backend's documented limits are enforced here too, per backend setting: the seed's backend
+accepts ``tool_choice`` "auto" or "none" only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.errors import InvalidRequest
+
+__all__ = ["ChatRules", "max_tokens", "parse_object", "require_model", "stream_flag"]
+
+
+def parse_object(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    if not body:
+        raise InvalidRequest("The request body is empty; expected a JSON object.", code="invalid_json")
+    try:
+        payload = json.loads(body)
+    except UnicodeDecodeError:
+        raise InvalidRequest("The request body is not valid UTF-8.", code="invalid_encoding") from None
+    except ValueError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest(
+            f"The request body must be a JSON object, not {type(payload).__name__}.", code="invalid_json"
+        )
+    return payload
+
+
+def require_model(payload: dict[str, Any], *, required: bool) -> str | None:
+    model = payload.get("model")
+    if model is None and not required:
+        return None
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' is required and must be a non-empty string.", param="model")
+    return model
+
+
+def stream_flag(payload: dict[str, Any]) -> bool:
+    stream = payload.get("stream", False)
+    if stream is None:
+        return False
+    if not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean.", param="stream")
+    return stream
+
+
+def max_tokens(payload: dict[str, Any]) -> int | None:
+    """The client's output cap (``max_completion_tokens`` wins over ``max_tokens``), checked."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = payload.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidRequest(f"'{name}' must be a non-negative integer.", param=name)
+        return value
+    return None
+
+
+@dataclass(frozen=True)
+class ChatRules:
+    """Limits on chat requests: tool count and schema depth, and the tool_choice values allowed."""
+
+    max_tools: int = 128
+    max_schema_depth: int = 32
+    tool_choices: tuple[str, ...] | None = ("auto", "none")  # None: anything goes
+
+    def check(self, payload: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        """A chat request's messages and tools, checked for the shapes counting relies on."""
+        messages = payload.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequest("'messages' must be a non-empty array.", param="messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise InvalidRequest(
+                    f"messages[{i}] must be an object with a string 'role'.", param="messages"
+                )
+        tools = payload.get("tools")
+        if tools is None:
+            return messages, None
+        if not isinstance(tools, list):
+            raise InvalidRequest("'tools' must be an array.", param="tools")
+        if len(tools) > self.max_tools:
+            raise InvalidRequest(
+                f"Too many tools: {len(tools)}; this gateway accepts at most {self.max_tools}.", param="tools"
+            )
+        for i, tool in enumerate(tools):
+            fn = tool.get("function") if isinstance(tool, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+                raise InvalidRequest(
+                    f"tools[{i}] must be an object with a 'function' object "
+                    "that has a non-empty string 'name'.",
+                    param="tools",
+                )
+            parameters = fn.get("parameters")
+            if parameters is not None and not isinstance(parameters, dict):
+                raise InvalidRequest(f"tools[{i}].function.parameters must be an object.", param="tools")
+            if _depth(parameters, self.max_schema_depth + 1) > self.max_schema_depth:
+                raise InvalidRequest(
+                    f"tools[{i}].function.parameters nests deeper than {self.max_schema_depth} levels.",
+                    param="tools",
+                )
+        if tools and self.tool_choices is not None and "tool_choice" in payload:
+            choice = payload["tool_choice"]
+            if choice not in self.tool_choices:
+                allowed = " or ".join(repr(c) for c in self.tool_choices)
+                raise InvalidRequest(
+                    f"tool_choice {json.dumps(choice)} is not supported by this backend: use {allowed}.",
+                    param="tool_choice",
+                    code="unsupported_tool_choice",
+                )
+        return messages, tools or None
+
+
+def _depth(value: Any, cap: int) -> int:
+    """Nesting depth of a JSON value, without recursion, stopping once ``cap`` is reached."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, depth)
+            if deepest >= cap:
+                return deepest
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children)
+    return deepest

@@ -1,0 +1,61 @@
+"""Request checks: the backend's documented limits up front, absurd tools refused clearly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.errors import InvalidRequest
+from gateway.validation import ChatRules, max_tokens
+from tests.conftest import SEED_MESSAGES, SEED_TOOLS
+
+
+def _body(**extra: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": SEED_MESSAGES, "tools": SEED_TOOLS, **extra}
+
+
+@pytest.mark.parametrize("choice", ["auto", "none"])
+def test_documented_tool_choices_pass(choice: str) -> None:
+    assert ChatRules().check(_body(tool_choice=choice))[1] == SEED_TOOLS
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "x"}}, None, 3])
+def test_other_tool_choices_are_refused_saying_what_is_allowed(choice: Any) -> None:
+    with pytest.raises(InvalidRequest, match="use 'auto' or 'none'") as info:
+        ChatRules().check(_body(tool_choice=choice))
+    assert info.value.code == "unsupported_tool_choice" and info.value.param == "tool_choice"
+    assert ChatRules(tool_choices=None).check(_body(tool_choice=choice))  # a backend without the limit
+
+
+def test_too_many_tools_and_absurd_nesting() -> None:
+    with pytest.raises(InvalidRequest, match="Too many tools: 3; this gateway accepts at most 2"):
+        ChatRules(max_tools=2).check(_body(tools=SEED_TOOLS * 3))
+    deep: dict[str, Any] = {"type": "object"}
+    for _ in range(100):
+        deep = {"type": "object", "properties": {"x": deep}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": deep}}
+    with pytest.raises(InvalidRequest, match="nests deeper than 32 levels"):
+        ChatRules().check(_body(tools=[tool]))
+
+
+@pytest.mark.parametrize(
+    ("tool", "message"),
+    [
+        ({"type": "function"}, "'function' object"),
+        ({"function": {"name": ""}}, "non-empty string 'name'"),
+        ({"function": {"name": 5}}, "non-empty string 'name'"),
+        ({"function": {"name": "f", "parameters": [1]}}, "parameters must be an object"),
+        ("not a tool", "'function' object"),
+    ],
+)
+def test_malformed_tools(tool: Any, message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        ChatRules().check(_body(tools=[tool]))
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "10", True])
+def test_max_tokens_must_be_a_non_negative_integer(value: Any) -> None:
+    with pytest.raises(InvalidRequest, match="non-negative integer"):
+        max_tokens({"max_tokens": value})
+    assert max_tokens({"max_completion_tokens": 7, "max_tokens": 9}) == 7
