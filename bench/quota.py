@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from gateway.limits import Limits
 from gateway.quota import Demand, LocalQuota, Rejection
 
@@ -104,61 +102,34 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def _wait_for(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=1)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
-
-
 def end_to_end(seconds: int, concurrency: int, progress: Any) -> dict[str, Any]:
     """The emulator and the gateway each in their own process, as operators run them."""
     from gateway.db import open_db
     from gateway.keys import KeyStore, load_key_secret
     from gateway.settings import Settings
-    from tests.servers import GatewayProcess, free_port
+    from tests.servers import EmulatorProcess, GatewayProcess
 
-    with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        emulator = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "emulator", "--port", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+    with tempfile.TemporaryDirectory() as tmp, EmulatorProcess() as emulator:
+        settings = Settings(db=f"{tmp}/bench.db")
+        store = KeyStore(open_db(settings.db), load_key_secret(settings))
+        _, limited = store.create("limited", limits=ALL_LIMITS.as_dict())
+        _, free = store.create("free")
+        gateway = GatewayProcess(
+            "--upstream", emulator.url + "/v1/openai", "--db", settings.db, "--log-level", "warning"
+        ).start()
         try:
-            _wait_for(f"http://127.0.0.1:{port}/v1/models")
-            settings = Settings(db=f"{tmp}/bench.db")
-            store = KeyStore(open_db(settings.db), load_key_secret(settings))
-            _, limited = store.create("limited", limits=ALL_LIMITS.as_dict())
-            _, free = store.create("free")
-            gateway = GatewayProcess(
-                "--upstream",
-                f"http://127.0.0.1:{port}/v1/openai",
-                "--db",
-                settings.db,
-                "--log-level",
-                "warning",
-            ).start()
-            try:
-                wrk(gateway.url, free, 2, concurrency)  # warm up both processes
-                results: dict[str, list[dict[str, float]]] = {}
-                for round_ in range(3):  # interleaved rounds: machine noise hits both keys alike
-                    for name, key in (("no_limits", free), ("all_limits", limited)):
-                        r = wrk(gateway.url, key, seconds, concurrency)
-                        results.setdefault(name, []).append(r)
-                        progress(
-                            f"round {round_ + 1}, {name:>10}: {r['throughput_rps']:7.0f} req/s, "
-                            f"mean {r['mean_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms"
-                        )
-            finally:
-                gateway.stop()
+            wrk(gateway.url, free, 2, concurrency)  # warm up both processes
+            results: dict[str, list[dict[str, float]]] = {}
+            for round_ in range(3):  # interleaved rounds: machine noise hits both keys alike
+                for name, key in (("no_limits", free), ("all_limits", limited)):
+                    r = wrk(gateway.url, key, seconds, concurrency)
+                    results.setdefault(name, []).append(r)
+                    progress(
+                        f"round {round_ + 1}, {name:>10}: {r['throughput_rps']:7.0f} req/s, "
+                        f"mean {r['mean_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms"
+                    )
         finally:
-            emulator.terminate()
-            emulator.wait(timeout=10)
+            gateway.stop()
     summary: dict[str, Any] = {
         name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()
     }

@@ -19,8 +19,6 @@ import asyncio
 import itertools
 import json
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -111,73 +109,44 @@ def main() -> int:
     from gateway.db import open_db
     from gateway.keys import KeyStore, load_key_secret
     from gateway.settings import Settings
-    from tests.servers import GatewayProcess, free_port
+    from tests.servers import EmulatorProcess, GatewayProcess
 
-    port = free_port()
-    emulator = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "emulator",
-            "--port",
-            str(port),
-            "--latency",
-            "0.05",
-            "--token-latency",
-            "0.01",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        with tempfile.TemporaryDirectory() as tmp:
-            settings = Settings(db=f"{tmp}/soak.db")
-            _, key = KeyStore(open_db(settings.db), load_key_secret(settings)).create(
-                "soak", limits={"tokens_per_day": 10**12, "max_concurrent": 1000, "rpm": 10**6}
-            )
-            gateway = GatewayProcess(
-                "--upstream",
-                f"http://127.0.0.1:{port}/v1/openai",
-                "--db",
-                settings.db,
-                "--log-level",
-                "warning",
-            ).start()
-            assert gateway.proc is not None
-            try:
-                run = asyncio.run(
-                    drive(
-                        gateway.url,
-                        key,
-                        args.rate,
-                        args.minutes * 60,
-                        gateway.proc.pid,
-                        lambda line: print(line, flush=True),
-                    )
+    with (
+        EmulatorProcess("--latency", "0.05", "--token-latency", "0.01") as emulator,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        settings = Settings(db=f"{tmp}/soak.db")
+        _, key = KeyStore(open_db(settings.db), load_key_secret(settings)).create(
+            "soak", limits={"tokens_per_day": 10**12, "max_concurrent": 1000, "rpm": 10**6}
+        )
+        gateway = GatewayProcess(
+            "--upstream",
+            emulator.url + "/v1/openai",
+            "--db",
+            settings.db,
+            "--log-level",
+            "warning",
+        ).start()
+        assert gateway.proc is not None
+        try:
+            run = asyncio.run(
+                drive(
+                    gateway.url,
+                    key,
+                    args.rate,
+                    args.minutes * 60,
+                    gateway.proc.pid,
+                    lambda line: print(line, flush=True),
                 )
-                time.sleep(1)
-                limits = httpx.get(
-                    gateway.url + "/v1/limits", headers={"Authorization": f"Bearer {key}"}
-                ).json()
-                rss_end = rss_mb(gateway.proc.pid)
-            finally:
-                gateway.stop()
-            conn = sqlite3.connect(settings.db)
-            rows = conn.execute("SELECT state, count(*) FROM requests GROUP BY state").fetchall()
-            conn.close()
-    finally:
-        emulator.terminate()
-        emulator.wait(timeout=10)
+            )
+            time.sleep(1)
+            limits = httpx.get(gateway.url + "/v1/limits", headers={"Authorization": f"Bearer {key}"}).json()
+            rss_end = rss_mb(gateway.proc.pid)
+        finally:
+            gateway.stop()
+        conn = sqlite3.connect(settings.db)
+        rows = conn.execute("SELECT state, count(*) FROM requests GROUP BY state").fetchall()
+        conn.close()
 
     by_state = dict(rows)
     windows = {w["name"]: w for w in limits["limits"]}

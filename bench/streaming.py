@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -63,25 +61,10 @@ def run(requests: int, progress: Any) -> dict[str, Any]:
     from gateway.db import open_db
     from gateway.keys import KeyStore, load_key_secret
     from gateway.settings import Settings
-    from tests.servers import GatewayProcess, free_port
+    from tests.servers import EmulatorProcess, GatewayProcess
 
-    port = free_port()
-    emulator = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "emulator", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        backend = f"http://127.0.0.1:{port}/v1"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(backend + "/models", timeout=1)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+    with EmulatorProcess() as emulator:
+        backend = emulator.url + "/v1"
         with tempfile.TemporaryDirectory() as tmp:
             settings = Settings(db=f"{tmp}/bench.db")
             _, key = KeyStore(open_db(settings.db), load_key_secret(settings)).create("bench")
@@ -117,9 +100,6 @@ def run(requests: int, progress: Any) -> dict[str, Any]:
                             progress(f"{i + 1 - 20} requests of each kind")
             finally:
                 gateway.stop()
-    finally:
-        emulator.terminate()
-        emulator.wait(timeout=10)
     med = {k: statistics.median(v) * 1000 for k, v in samples.items()}
     return {
         "requests": requests,

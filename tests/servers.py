@@ -111,3 +111,35 @@ class GatewayProcess:
                 self.proc.wait()
         self.reader.join(timeout=5)
         return self.output()
+
+
+class EmulatorProcess:
+    """``gateway emulator`` in its own process, ready when the context is entered."""
+
+    def __init__(self, *args: str, timeout: float = 60) -> None:
+        self.port = free_port()
+        self.args = [sys.executable, "-m", "gateway", "emulator", "--port", str(self.port), *args]
+        self.timeout = timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> EmulatorProcess:
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                httpx.get(self.url + "/v1/models", timeout=1)
+                return self
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.__exit__()
+                    raise RuntimeError("the emulator did not start") from None
+                time.sleep(0.1)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
