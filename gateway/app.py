@@ -36,6 +36,7 @@ from gateway.proxy import Proxy, RouteSpec
 from gateway.quota import LocalQuota
 from gateway.settings import ConfigError, Settings
 from gateway.upstream import build_client
+from gateway.usage_api import UsageAPI
 from gateway.validation import ChatRules
 
 __all__ = ["create_app"]
@@ -156,9 +157,13 @@ def create_app(
         Route(prefix + "/chat/completions/count_tokens", count_tokens.handle, methods=["POST"])
         for prefix in ("/v1/openai", "/v1")
     ]
-    routes += [
-        Route(prefix + "/limits", limits_api.handle, methods=["GET"]) for prefix in ("/v1/openai", "/v1")
-    ]
+    usage_api = UsageAPI(settings.db, settings.currency)
+    for prefix in ("/v1/openai", "/v1"):
+        routes += [
+            Route(prefix + "/limits", limits_api.handle, methods=["GET"]),
+            Route(prefix + "/usage", usage_api.usage, methods=["GET"]),
+            Route(prefix + "/usage/requests", usage_api.requests, methods=["GET"]),
+        ]
     routes += [Route(path, proxy.endpoint(spec), methods=[method]) for path, spec, method in PROXY_ROUTES]
     app = Starlette(
         routes=routes,

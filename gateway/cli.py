@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.db import open_db
+from gateway.errors import InvalidRequest
 from gateway.keys import KeyError_, KeyInfo, KeyStore, load_key_secret
 from gateway.limits import LIMIT_NAMES, PlanError, PlanStore, format_money, parse_limit, parse_money
 from gateway.prices import DEFAULT_MODEL, Price, PriceBook, PriceError
@@ -39,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2
-    except (KeyError_, PlanError, PriceError) as exc:
+    except (KeyError_, PlanError, PriceError, InvalidRequest) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -132,6 +133,18 @@ def _parser() -> argparse.ArgumentParser:
     prlist.add_argument("--json", action="store_true", help="print JSON")
     prlist.set_defaults(run=_prices_list)
     prices.set_defaults(run=lambda a: _help(prices))
+
+    usage = sub.add_parser("usage", help="usage from the ledger: requests, tokens (tool tokens apart), cost")
+    _common(usage)
+    usage.add_argument("--key", help="one key (name or id); default: every key")
+    usage.add_argument("--since", default="7d", help="how far back: e.g. 30m, 24h, 7d (default 7d)")
+    usage.add_argument(
+        "--by", choices=["model", "key", "day"], default="day", help="rows per ... (default day)"
+    )
+    fmt = usage.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON")
+    fmt.add_argument("--csv", action="store_true", help="print CSV")
+    usage.set_defaults(run=_usage)
 
     emulator = sub.add_parser("emulator", help="run the bundled backend emulator")
     emulator.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
@@ -294,6 +307,78 @@ def _prices_list(args: argparse.Namespace) -> int:
             f"{format_money(p.output_per_m):>10}  {_utc(p.effective_from)}"
         )
     return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    import time
+
+    from gateway.usage import Query, buckets, to_csv
+
+    settings = _settings(args)
+    db = open_db(settings.db)
+    key_id = None
+    if args.key:
+        key_id = KeyStore(db, load_key_secret(settings)).get(args.key).id
+    now = time.time()
+    params = {
+        "start_time": str(int(now - _duration(args.since))),
+        "end_time": str(int(now) + 1),
+        "bucket_width": "1h" if args.since.endswith(("m", "h")) and _duration(args.since) <= 86400 else "1d",
+        "group_by": {"model": "model", "key": "key", "day": ""}[args.by],
+    }
+    params["limit"] = "168" if params["bucket_width"] == "1h" else "31"
+    data: list[dict[str, Any]] = []
+    while True:
+        page = buckets(
+            db, key_id, Query.parse(params, now=now, allow_key_group=True), currency=settings.currency
+        )
+        data += page["data"]
+        if not page["has_more"]:
+            break
+        params["page"] = page["next_page"]
+    if args.json:
+        print(json.dumps({"object": "page", "data": data, "has_more": False, "next_page": None}))
+        return 0
+    if args.csv:
+        print(to_csv({"data": data}), end="")
+        return 0
+    totals: dict[str, list[int]] = {}
+    for bucket in data:
+        for r in bucket["results"]:
+            if args.by == "day":
+                label = _utc(bucket["start_time"])[: 10 if params["bucket_width"] == "1d" else 16]
+            elif args.by == "model":
+                label = r["model"] or "-"
+            else:
+                label = r.get("key_name") or str(r.get("key_id"))
+            row = totals.setdefault(label, [0, 0, 0, 0, 0])
+            for i, field in enumerate(("num_model_requests", "input_tokens", "tool_tokens", "output_tokens")):
+                row[i] += r[field]
+            row[4] += r["cost"]["value_micros"]
+    header = args.by.upper()
+    print(f"{header:<44} {'REQUESTS':>9} {'INPUT':>12} {'(TOOLS)':>12} {'OUTPUT':>12} {'COST':>14}")
+    grand = [0, 0, 0, 0, 0]
+    for label in sorted(totals):
+        row = totals[label]
+        grand = [a + b for a, b in zip(grand, row, strict=True)]
+        print(f"{label:<44} {row[0]:>9} {row[1]:>12} {row[2]:>12} {row[3]:>12} {format_money(row[4]):>14}")
+    print(
+        f"{'TOTAL (' + settings.currency + ')':<44} {grand[0]:>9} {grand[1]:>12} {grand[2]:>12} "
+        f"{grand[3]:>12} {format_money(grand[4]):>14}"
+    )
+    return 0
+
+
+def _duration(text: str) -> float:
+    units = {"m": 60, "h": 3600, "d": 86400}
+    try:
+        value = float(text[:-1])
+        unit = units[text[-1]]
+    except (ValueError, KeyError, IndexError):
+        raise PlanError(f"--since: {text!r} is not a duration like 30m, 24h or 7d") from None
+    if value <= 0:
+        raise PlanError("--since must be positive")
+    return value * unit
 
 
 def _when(text: str | None) -> float | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-__all__ = ["SCHEMA_VERSION", "open_db"]
+__all__ = ["ROLLUP", "SCHEMA_VERSION", "open_db"]
 
 # Each entry moves the schema one version up; never edit an entry that has shipped.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -82,7 +82,44 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE requests ADD COLUMN cost_micros INTEGER",
         "ALTER TABLE requests ADD COLUMN reserved_tokens INTEGER",
     ),
+    (
+        # Daily rollup per key and model, kept by the ledger writer as rows settle: a month of
+        # daily usage is ~30 rows per model to read, however big the ledger grows.
+        """CREATE TABLE usage_daily (
+            key_id INTEGER NOT NULL,
+            day TEXT NOT NULL,
+            model TEXT NOT NULL,
+            requests INTEGER NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            tool_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            cost_micros INTEGER NOT NULL,
+            PRIMARY KEY (key_id, day, model)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX usage_daily_day ON usage_daily(day)",
+        "CREATE INDEX requests_time ON requests(started_at)",
+        """INSERT INTO usage_daily
+           SELECT key_id, strftime('%Y-%m-%d', started_at, 'unixepoch'), coalesce(model, ''), count(*),
+                  sum(coalesce(prompt_tokens, 0)), sum(coalesce(tool_tokens, 0)),
+                  sum(coalesce(completion_tokens, 0)), sum(coalesce(cost_micros, 0))
+           FROM requests
+           WHERE state != 'pending' AND (prompt_tokens IS NOT NULL OR completion_tokens IS NOT NULL)
+           GROUP BY 1, 2, 3""",
+    ),
 )
+
+# Adds one settled row (by id) to the daily rollup; a row without usage is no billed request.
+ROLLUP = """INSERT INTO usage_daily
+    SELECT key_id, strftime('%Y-%m-%d', started_at, 'unixepoch'), coalesce(model, ''), 1,
+           coalesce(prompt_tokens, 0), coalesce(tool_tokens, 0), coalesce(completion_tokens, 0),
+           coalesce(cost_micros, 0)
+    FROM requests WHERE id = ? AND (prompt_tokens IS NOT NULL OR completion_tokens IS NOT NULL)
+    ON CONFLICT (key_id, day, model) DO UPDATE SET
+        requests = requests + excluded.requests,
+        input_tokens = input_tokens + excluded.input_tokens,
+        tool_tokens = tool_tokens + excluded.tool_tokens,
+        output_tokens = output_tokens + excluded.output_tokens,
+        cost_micros = cost_micros + excluded.cost_micros"""
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.db import open_db
+from gateway.db import ROLLUP, open_db
 
 __all__ = ["Ledger", "PendingRow", "Settlement"]
 
@@ -114,6 +114,7 @@ class Ledger:
                         "cost_micros = ?, error = 'gateway stopped before the request settled' WHERE id = ?",
                         [output, cost(model, started_at, prompt, output) if cost else None, request_id],
                     )
+                    db.execute(ROLLUP, [request_id])
             return len(rows)
         finally:
             db.conn.close()
@@ -162,6 +163,7 @@ class Ledger:
             s.id,
         )
         self._queue.put((_SETTLE, params, None))
+        self._queue.put((ROLLUP, (s.id,), None))
 
     async def close(self) -> None:
         """Commit everything queued, then stop the writer."""

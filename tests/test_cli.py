@@ -121,3 +121,36 @@ def test_prices_with_effective_dates(capsys: pytest.CaptureFixture[str], db_path
     )
     _code, out, _ = run(capsys, "prices", "list", "--history", "--db", db_path)
     assert out.count("default") == 2
+
+
+def test_usage_table_json_and_csv(capsys: pytest.CaptureFixture[str], db_path: str) -> None:
+    import asyncio
+    import time
+
+    from gateway.ledger import Ledger, PendingRow, Settlement
+
+    run(capsys, "keys", "create", "--name", "acme", "--db", db_path)
+
+    async def fill() -> None:
+        ledger = Ledger(db_path)
+        ledger.start()
+        for i, model in enumerate(["m1", "m1", "m2"]):
+            await ledger.pending(PendingRow(f"r{i}", 1, model, "/chat/completions", False, time.time() - 60))
+            ledger.settle(
+                Settlement(
+                    f"r{i}", 200, prompt_tokens=10, completion_tokens=5, tool_tokens=4, cost_micros=1_500_000
+                )
+            )
+        await ledger.close()
+
+    asyncio.run(fill())
+    code, out, _ = run(capsys, "usage", "--by", "model", "--db", db_path)
+    assert code == 0 and "m1" in out and "m2" in out
+    assert out.strip().splitlines()[-1].split()[-5:] == ["3", "30", "12", "15", "4.5"]
+    code, out, _ = run(capsys, "usage", "--key", "acme", "--since", "2h", "--json", "--db", db_path)
+    results = [r for b in json.loads(out)["data"] for r in b["results"]]
+    assert sum(r["num_model_requests"] for r in results) == 3
+    code, out, _ = run(capsys, "usage", "--by", "key", "--csv", "--db", db_path)
+    assert out.splitlines()[0].startswith("start_time,end_time,model,key,") and ",acme," in out
+    code, _, err = run(capsys, "usage", "--key", "nobody", "--db", db_path)
+    assert code == 1 and "no key" in err
