@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from gateway.accounting.accountant import Accountant
 from gateway.accounting.registry import Registry, RegistryError
+from gateway.admin_api import AdminAPI, AdminAuthMiddleware
 from gateway.auth import AuthMiddleware
 from gateway.count_tokens import CountTokens
 from gateway.db import open_db
@@ -165,6 +166,7 @@ def create_app(
             Route(prefix + "/usage/requests", usage_api.requests, methods=["GET"]),
         ]
     routes += [Route(path, proxy.endpoint(spec), methods=[method]) for path, spec, method in PROXY_ROUTES]
+    routes += AdminAPI(settings.db, load_key_secret(settings), settings.currency).routes()
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
@@ -175,6 +177,7 @@ def create_app(
         },
     )
     app.add_middleware(AuthMiddleware, authenticate=holder.authenticate)
+    app.add_middleware(AdminAuthMiddleware, token=settings.admin_token, authenticate=holder.authenticate)
     return app
 
 
