@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.asgi import header, send_error
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
 from gateway.keys import KeyError_, KeyStore, Principal
-from gateway.limits import LIMIT_NAMES, PlanError, PlanStore
+from gateway.limits import LIMIT_NAMES, MAX_VALUE, PlanError, PlanStore
 from gateway.prices import Price, PriceBook, PriceError
 from gateway.usage import Query, buckets, request_lines
 from gateway.usage_api import MAX_REQUEST_LINES, render_page, run_query
@@ -184,11 +184,17 @@ class AdminAPI:
         values = {}
         for field in ("input_per_million", "output_per_million", "tool_per_million"):
             value = body.get(field, body.get("input_per_million") if field == "tool_per_million" else None)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise InvalidRequest(f"'{field}' must be a non-negative integer (micro-units).", param=field)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_VALUE:
+                raise InvalidRequest(
+                    f"'{field}' must be an integer from 0 to 2**62 (micro-units).", param=field
+                )
             values[field] = value
         effective = body.get("effective_from")
-        if effective is not None and (not isinstance(effective, int | float) or isinstance(effective, bool)):
+        if effective is not None and (
+            not isinstance(effective, int | float)
+            or isinstance(effective, bool)
+            or not 0 <= effective < 2**40
+        ):
             raise InvalidRequest("'effective_from' must be unix seconds.", param="effective_from")
         price = Price(values["input_per_million"], values["tool_per_million"], values["output_per_million"])
         saved = await self._run(lambda db: PriceBook(db).set(model, price, effective))
@@ -254,7 +260,11 @@ def _limits(body: dict[str, Any]) -> dict[str, int | None]:
             raise InvalidRequest(
                 f"unknown limit {name!r}; limits are {', '.join(LIMIT_NAMES)}.", param="limits"
             )
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise InvalidRequest(f"limits.{name} must be a non-negative integer or null.", param="limits")
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_VALUE
+        ):
+            raise InvalidRequest(
+                f"limits.{name} must be an integer from 0 to 2**62, or null.", param="limits"
+            )
         out[name] = value
     return out

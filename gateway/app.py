@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway import openapi
 from gateway.accounting.accountant import Accountant
 from gateway.accounting.registry import Registry, RegistryError
 from gateway.admin_api import AdminAPI, AdminAuthMiddleware
@@ -153,6 +154,7 @@ def create_app(
     routes = [
         Route("/healthz", _health, methods=["GET"]),
         Route("/metrics", metrics.endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi.endpoint, methods=["GET"]),
     ]
     routes += [
         Route(prefix + "/chat/completions/count_tokens", count_tokens.handle, methods=["POST"])

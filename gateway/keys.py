@@ -20,7 +20,7 @@ from typing import Any
 
 import sqlite_utils
 
-from gateway.limits import LIMIT_NAMES, NO_LIMITS, Limits
+from gateway.limits import LIMIT_NAMES, MAX_VALUE, NO_LIMITS, Limits
 from gateway.settings import Settings
 
 __all__ = ["KeyError_", "KeyInfo", "KeyStore", "Principal", "load_key_secret"]
@@ -230,6 +230,6 @@ def _limit_values(limits: dict[str, int | None] | None) -> dict[str, int | None]
     if unknown:
         raise KeyError_(f"unknown limit(s): {', '.join(sorted(unknown))}")
     for name, value in values.items():
-        if value is not None and (not isinstance(value, int) or value < 0):
-            raise KeyError_(f"{name} must be a non-negative integer or none")
+        if value is not None and (not isinstance(value, int) or not 0 <= value < MAX_VALUE):
+            raise KeyError_(f"{name} must be a non-negative integer below 2**62, or none")
     return values

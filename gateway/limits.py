@@ -22,6 +22,7 @@ __all__ = ["LIMIT_NAMES", "NO_LIMITS", "Limits", "PlanError", "PlanStore", "form
 
 LIMIT_NAMES = ("tokens_per_day", "tokens_per_month", "spend_per_month", "rpm", "tpm", "max_concurrent")
 MICROS = 1_000_000
+MAX_VALUE = 2**62  # SQLite integers are 64-bit: larger limits are refused, not overflowed
 
 
 class PlanError(Exception):
@@ -73,6 +74,8 @@ def parse_money(text: str) -> int:
     micros = value * MICROS
     if micros != micros.to_integral_value():
         raise PlanError(f"{text!r} has more than 6 decimals")
+    if micros >= MAX_VALUE:
+        raise PlanError(f"{text!r} is too large")
     return int(micros)
 
 
@@ -92,8 +95,8 @@ def parse_limit(name: str, text: str) -> int | None:
         value = int(text)
     except ValueError:
         raise PlanError(f"--{name.replace('_', '-')}: {text!r} is not a whole number (or 'none')") from None
-    if value < 0:
-        raise PlanError(f"--{name.replace('_', '-')}: must not be negative")
+    if not 0 <= value < MAX_VALUE:
+        raise PlanError(f"--{name.replace('_', '-')}: must be between 0 and 2**62")
     return value
 
 
@@ -148,5 +151,5 @@ def _check(values: dict[str, int | None]) -> None:
     if unknown:
         raise PlanError(f"unknown limit(s): {', '.join(sorted(unknown))}")
     for name, value in values.items():
-        if value is not None and (not isinstance(value, int) or value < 0):
-            raise PlanError(f"{name} must be a non-negative integer or none")
+        if value is not None and (not isinstance(value, int) or not 0 <= value < MAX_VALUE):
+            raise PlanError(f"{name} must be a non-negative integer below 2**62, or none")
