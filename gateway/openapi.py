@@ -81,8 +81,8 @@ def _body(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def document() -> dict[str, Any]:
-    customer = [{"customerKey": []}]
-    admin = [{"adminToken": []}]
+    customer: list[dict[str, list[str]]] = [{"customerKey": []}]
+    admin: list[dict[str, list[str]]] = [{"adminToken": []}]
     usage_ok = {
         "200": {
             "description": "a page of buckets",

@@ -65,7 +65,7 @@ def test_plans_keys_and_limits(capsys: pytest.CaptureFixture[str], db_path: str)
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["keys", "create", "--name", "x", "--rpm", "-1"], "must not be negative"),
+        (["keys", "create", "--name", "x", "--rpm", "-1"], "must be between 0 and 2**62"),
         (["keys", "create", "--name", "x", "--rpm", "lots"], "not a whole number"),
         (["keys", "create", "--name", "x", "--spend-per-month", "1.0000001"], "more than 6 decimals"),
         (["keys", "create", "--name", "x", "--plan", "nope"], "no plan 'nope'"),
