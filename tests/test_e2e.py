@@ -230,7 +230,17 @@ def test_killed_gateway_loses_no_forwarded_request(tmp_path: Path, emulator: Ser
         cwd=tmp_path,
     )
     server = GatewayProcess(*args, cwd=tmp_path).start()
-    server.stop()
+    try:
+        # The recovered request appears in the customer's usage, billed and priced.
+        usage = httpx.get(
+            server.url + "/v1/usage",
+            params={"bucket_width": "1h", "start_time": int(time.time()) - 3600, "limit": 2},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        results = [r for b in usage.json()["data"] for r in b["results"]]
+    finally:
+        server.stop()
+    assert [r["num_model_requests"] for r in results] == [1] and results[0]["output_tokens"] == 1024
     (row,) = ledger_rows(db)
     assert (row["state"], row["estimated"], row["model"]) == ("recovered", 1, SEED_MODEL)
     # No max_tokens in the request: the default cap (1024) stands in for the unknown output.
