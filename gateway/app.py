@@ -113,7 +113,8 @@ def create_app(
     rules = ChatRules(settings.max_tools, settings.max_schema_depth, choices or None)
     quota = LocalQuota()
     client = build_client(settings, transport)
-    ledger = Ledger(settings.db)
+    ledger = Ledger(settings.db, on_commit=metrics.ledger_commit)
+    metrics.ledger_queue.set_function(lambda: ledger.queue_depth)
     proxy = Proxy(
         client=client,
         ledger=ledger,
@@ -139,6 +140,9 @@ def create_app(
         holder.prices = PriceBook(db)
         recovered = ledger.recover(holder.recovery_cost)
         quota.load(db, time.time())
+        if settings.metrics_per_key:
+            names = sorted(k.name for k in holder.keys.list())
+            metrics.per_key = frozenset(names[: settings.metrics_per_key])
         if recovered:
             log.warning(
                 "recovered %d request(s) left pending by a previous run (billed as estimates)", recovered

@@ -1,25 +1,54 @@
 """Prometheus metrics, defined in one place against an injected registry.
 
-Label values are bounded by design: ``model`` is only ever a model the backend served (a
-request the backend refused is labelled ``other``), and no key, secret or request id is a label.
+Names start with ``gateway_``, use base units (seconds, tokens; money in micro-units of the
+operator's currency) and counters end in ``_total``. Label values are bounded by design:
+``model`` is only ever a model the backend served (anything refused counts as ``other``),
+``route`` is one of the proxied routes, and no key, secret or request id is a label. Series per
+customer are opt-in (``metrics_per_key``): the first N key names, alphabetically, get their own
+``key`` label and every other key is ``other``.
+
+With several worker processes, set ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess
+mode): ``/metrics`` then aggregates every process's files.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.requests import Request
 from starlette.responses import Response
 
-__all__ = ["Metrics"]
+__all__ = ["OTHER", "Metrics", "Timings"]
 
 OTHER = "other"
 DIFFERENCE_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+WRITE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1)
+
+
+class Timings:
+    """Seconds measured for one request (None where a phase did not happen)."""
+
+    __slots__ = ("backend", "first_token", "overhead", "send_at", "total")
+
+    def __init__(self) -> None:
+        self.send_at: float | None = None  # perf_counter when the request went to the backend
+        self.total: float | None = None
+        self.backend: float | None = None
+        self.overhead: float | None = None
+        self.first_token: float | None = None
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, per_key: frozenset[str] = frozenset()
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.per_key = per_key
         r = self.registry
         self.requests = Counter(
             "gateway_requests",
@@ -29,6 +58,70 @@ class Metrics:
         )
         self.tokens = Counter(
             "gateway_tokens", "Tokens billed, by kind (input includes tool).", ["model", "kind"], registry=r
+        )
+        self.cost = Counter(
+            "gateway_cost_micros",
+            "Cost billed, in micro-units of the operator's currency.",
+            ["model"],
+            registry=r,
+        )
+        self.key_tokens = Counter(
+            "gateway_key_tokens",
+            "Tokens billed per customer key (opt-in, capped; the rest is 'other').",
+            ["key", "kind"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Whole request, as the client saw it.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.backend_duration = Histogram(
+            "gateway_backend_duration_seconds",
+            "Waiting on the backend (whole answer; streams: until headers).",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "gateway_overhead_seconds",
+            "The gateway's own time: the request minus the backend's time.",
+            ["route"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.first_token = Histogram(
+            "gateway_time_to_first_token_seconds",
+            "Streams: until the first event reached the client.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rejections = Counter(
+            "gateway_quota_rejections", "Requests refused by a limit.", ["limit", "type"], registry=r
+        )
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight",
+            "Proxied requests being served now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.ledger_write = Histogram(
+            "gateway_ledger_write_seconds",
+            "One ledger commit (a batch of writes).",
+            buckets=WRITE_BUCKETS,
+            registry=r,
+        )
+        self.ledger_queue = Gauge(
+            "gateway_ledger_queue_depth",
+            "Ledger writes waiting for the writer thread.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.backend_errors = Counter(
+            "gateway_backend_errors", "Backend failures by kind.", ["kind"], registry=r
         )
         self.accounting_checks = Counter(
             "gateway_accounting_checks",
@@ -44,6 +137,9 @@ class Metrics:
             registry=r,
         )
 
+    def key_label(self, name: str) -> str:
+        return name if name in self.per_key else OTHER
+
     def record(
         self,
         *,
@@ -54,21 +150,48 @@ class Metrics:
         tool_tokens: int | None,
         completion_tokens: int | None,
         difference: int | None,
+        cost_micros: int | None = None,
+        key: str | None = None,
+        timings: Timings | None = None,
+        error: str | None = None,
     ) -> None:
         served = 200 <= status < 300
         label = model if (served and model) else OTHER
         self.requests.labels(label, route, f"{status // 100}xx" if status else "none").inc()
-        if not served:
+        if timings is not None:
+            if timings.total is not None:
+                self.duration.labels(route).observe(timings.total)
+            if timings.backend is not None:
+                self.backend_duration.labels(route).observe(timings.backend)
+            if timings.overhead is not None:
+                self.overhead.labels(route).observe(max(0.0, timings.overhead))
+            if timings.first_token is not None:
+                self.first_token.labels(route).observe(timings.first_token)
+        if error is not None:
+            self.backend_errors.labels(error).inc()
+        if not served and status != 499:
             return
-        if prompt_tokens:
-            self.tokens.labels(label, "input").inc(prompt_tokens)
-        if tool_tokens:
-            self.tokens.labels(label, "tool").inc(tool_tokens)
-        if completion_tokens:
-            self.tokens.labels(label, "output").inc(completion_tokens)
+        who = self.key_label(key) if key is not None and self.per_key else None
+        for kind, value in (("input", prompt_tokens), ("tool", tool_tokens), ("output", completion_tokens)):
+            if value:
+                self.tokens.labels(label, kind).inc(value)
+                if who is not None:
+                    self.key_tokens.labels(who, kind).inc(value)
+        if cost_micros:
+            self.cost.labels(label).inc(cost_micros)
         if difference is not None:
             self.accounting_checks.labels(label, "match" if difference == 0 else "mismatch").inc()
             self.accounting_difference.labels(label).observe(abs(difference))
 
+    def rejected(self, limit: str, kind: str) -> None:
+        self.rejections.labels(limit, kind).inc()
+
+    def ledger_commit(self, seconds: float, writes: int) -> None:
+        self.ledger_write.observe(seconds)
+
     async def endpoint(self, request: Request) -> Response:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

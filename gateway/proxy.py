@@ -28,7 +28,7 @@ from gateway.auth import PRINCIPAL
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamTimeout
 from gateway.keys import Principal
 from gateway.ledger import Ledger, PendingRow, Settlement
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, Timings
 from gateway.prices import Price
 from gateway.quota import Demand, QuotaStore, Rejection, Reservation, WindowState
 from gateway.sse import StreamMeter
@@ -43,6 +43,12 @@ log = logging.getLogger("gateway.proxy")
 REQUEST_ID_HEADER = b"x-gateway-request-id"
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the answer was complete
 CONNECT_RETRIES = 1
+BACKEND_ERRORS = {
+    "upstream_unreachable": "unreachable",
+    "upstream_timeout": "timeout",
+    "upstream_malformed": "malformed",
+    "upstream_error": "connection",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +120,8 @@ class Proxy:
         except ClientGone:
             return
         except GatewayError as exc:
+            if isinstance(exc, QuotaExceeded):
+                self.metrics.rejected(exc.rejection.limit, exc.rejection.kind)
             await send_error(send, exc, [id_header])
 
     async def _handle(
@@ -199,6 +207,9 @@ class Proxy:
         settlement = Settlement(request_id, status=0, reserved_tokens=demand.tokens if reservation else None)
         counting: asyncio.Task[Accounting | None] | None = None
         served = False
+        timings = Timings()
+        backend_error: str | None = None
+        self.metrics.in_flight.inc()
         try:
             await self.ledger.pending(
                 PendingRow(
@@ -217,8 +228,12 @@ class Proxy:
             if to_count is not None:
                 # Counting overlaps the backend's work: it runs once the request is on its way.
                 counting = asyncio.create_task(self._count(*to_count))
+            timings.send_at = time.perf_counter()
             response = await self._send(upstream_request, settlement)
+            timings.backend = time.perf_counter() - timings.send_at
             served = response.is_success
+            if not served:
+                backend_error = f"status_{response.status_code // 100}xx"
             if counting is not None:
                 meter = _Metering(await counting, bool(to_count and to_count[2]))
             settlement.upstream_ms = (time.perf_counter() - t0) * 1000
@@ -228,10 +243,11 @@ class Proxy:
                     response, headers, settlement, strip_usage, t0, receive, send, meter, model
                 )
             else:
-                await self._relay_whole(response, headers, settlement, send, meter, replay, t0)
+                await self._relay_whole(response, headers, settlement, send, meter, replay, t0, timings)
         except GatewayError as exc:
             settlement.status = exc.status
             settlement.error = exc.message
+            backend_error = BACKEND_ERRORS.get(exc.code or "", backend_error)
             raise
         except BaseException as exc:
             settlement.status = settlement.status or CLIENT_CLOSED
@@ -251,6 +267,16 @@ class Proxy:
             if reservation is not None:
                 self.quota.settle(reservation, used, settlement.cost_micros or 0, time.time())
             self.ledger.settle(settlement)
+            self.metrics.in_flight.dec()
+            timings.total = settlement.duration_ms / 1000
+            if timings.send_at is not None:
+                pre = timings.send_at - t0
+                # Streams: only the gateway's work before forwarding is its own for sure.
+                timings.overhead = pre if stream else timings.total - (timings.backend or 0)
+            if settlement.first_byte_ms is not None:
+                timings.first_token = settlement.first_byte_ms / 1000
+            if settlement.error and settlement.error.startswith("backend stream broke off"):
+                backend_error = "stream_broken"
             self.metrics.record(
                 model=model,
                 route=spec.upstream_path,
@@ -259,6 +285,10 @@ class Proxy:
                 tool_tokens=settlement.tool_tokens,
                 completion_tokens=settlement.completion_tokens,
                 difference=meter.difference if meter is not None else None,
+                cost_micros=settlement.cost_micros,
+                key=principal.name,
+                timings=timings,
+                error=backend_error,
             )
 
     async def _count(self, model: str, messages: Any, tools: Any, size: int) -> Accounting | None:
@@ -344,6 +374,7 @@ class Proxy:
         meter: _Metering | None,
         replay: bool | None = None,
         t0: float = 0.0,
+        timings: Timings | None = None,
     ) -> None:
         try:
             content = await response.aread()
@@ -353,6 +384,8 @@ class Proxy:
             raise UpstreamError(f"The backend broke off its answer ({type(exc).__name__}).") from exc
         finally:
             await response.aclose()
+            if timings is not None and timings.send_at is not None:
+                timings.backend = time.perf_counter() - timings.send_at
         settlement.status = response.status_code
         if response.is_success:
             obj = _json_of(content, response.headers.get("content-type", ""))

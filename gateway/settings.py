@@ -55,6 +55,9 @@ class Settings:
     # Latency the embedded demo emulator adds per answer (only used without upstream_url).
     emulator_latency: float = 0.0
     log_level: str = "info"
+    # Per-customer metric series (opt-in): this many keys, the first by name, get their own
+    # `key` label on gateway_key_tokens_total; every other key is "other". 0: none.
+    metrics_per_key: int = 0
     # Addresses of reverse proxies whose X-Forwarded-For/-Proto the server may believe
     # (comma-separated). Empty: forwarding headers from clients are never trusted.
     trusted_proxies: str = ""
