@@ -335,11 +335,13 @@ class Proxy:
         meter.difference = b.difference
         if b.difference and counted is not None:
             # A wrong template or tokenizer shows here first: the operator must see it.
+            # With backend_counts_tools off the backend's figure is compared without the tools.
+            expected = counted.prompt_tokens if self.backend_counts_tools else counted.message_tokens
             log.warning(
                 "prompt-token mismatch for %s: backend %s, gateway %s (%s, %s)",
                 counted.model,
                 backend_prompt,
-                counted.prompt_tokens,
+                expected,
                 counted.tokenizer,
                 counted.format,
             )
