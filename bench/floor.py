@@ -1,0 +1,79 @@
+"""The floor for any Python gateway: a bare pass-through proxy on the same server and HTTP client.
+
+Pure ASGI on uvicorn (uvloop, httptools) with one shared httpx.AsyncClient: it reads the body,
+forwards it, and returns the answer. No auth, no metering, no ledger.
+
+    python -m bench.floor --port 8090 --upstream http://127.0.0.1:9000/v1/openai
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import httpx
+import uvicorn
+
+
+def floor_app(upstream: str) -> Any:
+    client = httpx.AsyncClient(
+        timeout=httpx.Timeout(600, connect=5),
+        limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+    )
+    base = upstream.rstrip("/")
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await client.aclose()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        path = scope["path"].removeprefix("/v1/openai").removeprefix("/v1")
+        response = await client.request(
+            scope["method"],
+            base + path,
+            content=b"".join(chunks),
+            headers={"content-type": "application/json"},
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": response.content})
+
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--port", type=int, default=8090)
+    parser.add_argument("--upstream", required=True)
+    args = parser.parse_args()
+    uvicorn.run(
+        floor_app(args.upstream),
+        host="127.0.0.1",
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+    )
+
+
+if __name__ == "__main__":
+    main()
