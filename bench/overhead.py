@@ -29,20 +29,11 @@ from typing import Any
 
 import httpx
 
-from bench.quota import wrk
+from bench.quota import ALL_LIMITS, wrk
 from bench.soak import rss_mb
 from gateway.emulator.seed import SEED_MESSAGES, SEED_MODEL, SEED_TOOLS
-from gateway.limits import Limits
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "seal_tools.jsonl"
-EVERY_LIMIT = Limits(
-    tokens_per_day=10**12,
-    tokens_per_month=10**12,
-    spend_per_month=10**15,
-    rpm=10**9,
-    tpm=10**12,
-    max_concurrent=10**6,
-)
 
 
 def big_request() -> dict[str, Any]:
@@ -109,7 +100,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, EmulatorProcess() as emulator:
         settings = Settings(db=f"{tmp}/bench.db")
         _, key = KeyStore(open_db(settings.db), load_key_secret(settings)).create(
-            "bench", limits=EVERY_LIMIT.as_dict()
+            "bench", limits=ALL_LIMITS.as_dict()
         )
         gateway = GatewayProcess(
             "--upstream", emulator.url + "/v1/openai", "--db", settings.db, "--log-level", "warning"

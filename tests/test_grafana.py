@@ -108,7 +108,8 @@ def test_promtool_checks(scraped: tuple[str, str]) -> None:
         assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_dashboards_satisfy_grafanas_schema_types() -> None:
+def _schema_toolchain() -> Path:
+    """@grafana/schema and TypeScript, installed once with npm into .cache/ (npm ships with Node.js)."""
     npm = shutil.which("npm")
     if npm is None:
         pytest.fail("npm is not installed: the dashboard schema check needs Node.js and npm")
@@ -122,15 +123,18 @@ def test_dashboards_satisfy_grafanas_schema_types() -> None:
             check=True,
             timeout=600,
         )
+    return cache
+
+
+def _tsc(boards: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Type-check each dashboard JSON as `<json> satisfies Dashboard` under tsc --strict."""
+    cache = _schema_toolchain()
     with tempfile.TemporaryDirectory(dir=cache) as work:
-        names = []
-        for path in DASHBOARDS:
-            name = re.sub(r"\W", "_", path.stem) + ".ts"
-            Path(work, name).write_text(
+        for name, text in boards.items():
+            Path(work, name + ".ts").write_text(
                 'import type { Dashboard } from "@grafana/schema";\n'
-                f"export const d = {path.read_text().strip()} satisfies Dashboard;\n"
+                f"export const d = {text.strip()} satisfies Dashboard;\n"
             )
-            names.append(name)
         Path(work, "tsconfig.json").write_text(
             json.dumps(
                 {
@@ -141,53 +145,27 @@ def test_dashboards_satisfy_grafanas_schema_types() -> None:
                         "moduleResolution": "nodenext",
                         "target": "es2022",
                         "skipLibCheck": True,
-                        "typeRoots": [],
                     },
-                    "files": names,
+                    "files": [n + ".ts" for n in boards],
                 }
             )
         )
-        done = subprocess.run(
+        return subprocess.run(
             [str(cache / "node_modules" / ".bin" / "tsc"), "-p", work],
             capture_output=True,
             text=True,
             timeout=300,
         )
+
+
+def test_dashboards_satisfy_grafanas_schema_types() -> None:
+    done = _tsc({re.sub(r"\W", "_", p.stem): p.read_text() for p in DASHBOARDS})
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_a_typo_in_a_dashboard_fails_the_schema_check(tmp_path: Path) -> None:
+def test_a_typo_in_a_dashboard_fails_the_schema_check() -> None:
     """The check above can fail: a misspelled field is an error, not silently dropped."""
-    cache = ROOT / ".cache" / "grafana-schema"
-    if not (cache / "node_modules" / ".bin" / "tsc").exists():
-        test_dashboards_satisfy_grafanas_schema_types()
     board = json.loads(DASHBOARDS[0].read_text())
     board["titel"] = board.pop("title")
-    work = Path(tempfile.mkdtemp(dir=cache))
-    (work / "bad.ts").write_text(
-        'import type { Dashboard } from "@grafana/schema";\n'
-        f"export const d = {json.dumps(board)} satisfies Dashboard;\n"
-    )
-    (work / "tsconfig.json").write_text(
-        json.dumps(
-            {
-                "compilerOptions": {
-                    "strict": True,
-                    "noEmit": True,
-                    "module": "nodenext",
-                    "moduleResolution": "nodenext",
-                    "target": "es2022",
-                    "skipLibCheck": True,
-                },
-                "files": ["bad.ts"],
-            }
-        )
-    )
-    done = subprocess.run(
-        [str(cache / "node_modules" / ".bin" / "tsc"), "-p", str(work)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    shutil.rmtree(work)
+    done = _tsc({"bad": json.dumps(board)})
     assert done.returncode != 0 and "titel" in done.stdout
