@@ -8,6 +8,7 @@
     │   └── UnsupportedMediaType    (415)
     ├── AuthenticationFailed        (401, "authentication_error")
     ├── PermissionDenied            (403, "permission_error")
+    ├── QuotaExceeded               (429, "insufficient_quota" | "rate_limit_exceeded")
     └── UpstreamError               (502, "upstream_error")
         └── UpstreamTimeout         (504)
 
@@ -29,6 +30,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "PermissionDenied",
+    "QuotaExceeded",
     "UnsupportedMediaType",
     "UpstreamError",
     "UpstreamTimeout",
@@ -96,6 +98,25 @@ class PermissionDenied(GatewayError):
     status = 403
     type = "permission_error"
     code = "permission_denied"
+
+
+class QuotaExceeded(GatewayError):
+    """429: ``type`` "insufficient_quota" for budgets, "rate_limit_exceeded" for rates; ``param``
+    names the limit; ``Retry-After`` when waiting can help."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+    rejection: Any = None  # the quota's Rejection (limit, kind, retry_after)
+
+    @classmethod
+    def from_rejection(cls, rejection: Any, rate_headers: list[tuple[bytes, bytes]]) -> QuotaExceeded:
+        headers = {k.decode(): v.decode() for k, v in rate_headers}
+        if rejection.retry_after is not None:
+            headers["retry-after"] = str(rejection.retry_after)
+        exc = cls(rejection.message, code=rejection.kind, param=rejection.limit, headers=headers)
+        exc.type = rejection.kind
+        exc.rejection = rejection
+        return exc
 
 
 class UpstreamError(GatewayError):

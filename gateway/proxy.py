@@ -25,7 +25,7 @@ from gateway.accounting.encoders import TokenizerFileError
 from gateway.accounting.types import FormatError
 from gateway.asgi import ClientGone, header, read_body, send_error
 from gateway.auth import PRINCIPAL
-from gateway.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamTimeout
+from gateway.errors import GatewayError, InvalidRequest, QuotaExceeded, UpstreamError, UpstreamTimeout
 from gateway.keys import Principal
 from gateway.ledger import Ledger, PendingRow, Settlement
 from gateway.metrics import Metrics, Timings
@@ -59,20 +59,6 @@ class RouteSpec:
     needs_model: bool = False
     chat: bool = False
     generates: bool = False  # produces output tokens (a max_tokens cap applies)
-
-
-class QuotaExceeded(GatewayError):
-    """429, OpenAI-shaped: ``insufficient_quota`` for budgets, ``rate_limit_exceeded`` for rates."""
-
-    status = 429
-
-    def __init__(self, rejection: Rejection, rate_headers: list[tuple[bytes, bytes]]) -> None:
-        headers = {k.decode(): v.decode() for k, v in rate_headers}
-        if rejection.retry_after is not None:
-            headers["retry-after"] = str(rejection.retry_after)
-        super().__init__(rejection.message, code=rejection.kind, param=rejection.limit, headers=headers)
-        self.type = rejection.kind
-        self.rejection = rejection
 
 
 class Proxy:
@@ -195,7 +181,7 @@ class Proxy:
             result = await self.quota.reserve(principal.key_id, limits, demand, now)
             rate_headers = rate_limit_headers(self.quota.windows(principal.key_id, limits, now), now)
             if isinstance(result, Rejection):
-                raise QuotaExceeded(result, rate_headers)
+                raise QuotaExceeded.from_rejection(result, rate_headers)
             reservation = result
 
         path = self.base + spec.upstream_path.format(**scope.get("path_params", {}))

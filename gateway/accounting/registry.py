@@ -45,6 +45,9 @@ FORMATS = (
 )
 
 
+MATCH_CACHE_SIZE = 4096
+
+
 class RegistryError(Exception):
     """The registry data is inconsistent (unknown tokenizer or format, missing template...)."""
 
@@ -81,6 +84,7 @@ class Registry:
         self._entries = entries
         self._cache = cache or EncoderCache()
         self._profiles: dict[int, ModelProfile] = {}
+        self._matches: dict[str, int | None] = {}
         self._lock = threading.Lock()
         for entry in entries:
             if entry.tokenizer not in tokenizers:
@@ -119,19 +123,31 @@ class Registry:
                 entries.append(_entry(raw, base))
         return cls(tokenizers, entries)
 
+    def _index(self, model: str) -> int | None:
+        """The first entry matching ``model``, remembered: every request asks for its model."""
+        if model in self._matches:
+            return self._matches[model]
+        found = next(
+            (
+                i
+                for i, e in enumerate(self._entries)
+                if e.match == model or fnmatch.fnmatchcase(model, e.match)
+            ),
+            None,
+        )
+        if len(self._matches) < MATCH_CACHE_SIZE:  # model names come from clients: bounded
+            self._matches[model] = found
+        return found
+
     def profile(self, model: str) -> ModelProfile | None:
         """The profile for ``model``: the first entry whose id or pattern matches, or None."""
-        for index, entry in enumerate(self._entries):
-            if entry.match == model or fnmatch.fnmatchcase(model, entry.match):
-                return self._profile(index, entry)
-        return None
+        index = self._index(model)
+        return None if index is None else self._profile(index, self._entries[index])
 
     def ready(self, model: str) -> bool:
         """True when ``model``'s profile is built (its tokenizer loaded): counting it is cheap."""
-        for index, entry in enumerate(self._entries):
-            if entry.match == model or fnmatch.fnmatchcase(model, entry.match):
-                return index in self._profiles
-        return True
+        index = self._index(model)
+        return index is None or index in self._profiles
 
     def models(self) -> list[str]:
         return [e.match for e in self._entries]
