@@ -74,7 +74,7 @@ def build(path: str, rows: int, keys: int, now: float, progress: object) -> None
                FROM requests GROUP BY 1, 2, 3"""
         )
     db.execute("ANALYZE")
-    db.conn.close()
+    db.close()
 
 
 def timed(path: str, params: dict[str, str], now: float, repeat: int) -> tuple[float, int]:
@@ -86,7 +86,7 @@ def timed(path: str, params: dict[str, str], now: float, repeat: int) -> tuple[f
         page = buckets(db, 3, q, currency="USD")
         samples.append(time.perf_counter() - t0)
         results = sum(len(b["results"]) for b in page["data"])
-    db.conn.close()
+    db.close()
     return statistics.median(samples) * 1000, results
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -34,7 +34,7 @@ PREFIX = "/admin/"
 
 class AdminAuthMiddleware:
     def __init__(
-        self, app: ASGIApp, *, token: str | None, authenticate: Callable[[str], Principal | None]
+        self, app: ASGIApp, *, token: str | None, authenticate: Callable[[str], Awaitable[Principal | None]]
     ) -> None:
         self.app = app
         self.token = token.encode() if token else None
@@ -51,7 +51,7 @@ class AdminAuthMiddleware:
         if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token):
             await self.app(scope, receive, send)
             return
-        if scheme.lower() == "bearer" and self.authenticate(given.strip()) is not None:
+        if scheme.lower() == "bearer" and await self.authenticate(given.strip()) is not None:
             await send_error(send, PermissionDenied("A customer key cannot use the admin API."))
             return
         await send_error(

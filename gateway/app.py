@@ -1,17 +1,21 @@
 """``create_app(settings)``: the gateway as one Starlette application.
 
 Nothing happens at import time. The lifespan owns the per-process resources: the shared
-httpx client, the ledger's writer thread and the key store's read connection.
+httpx client, the ledger's writer, the key store's read connection and, with Redis, the quota
+store's connection and heartbeat.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 from prometheus_client import CollectorRegistry
@@ -35,11 +39,14 @@ from gateway.limits_api import LimitsAPI
 from gateway.metrics import Metrics
 from gateway.prices import Price, PriceBook
 from gateway.proxy import Proxy, RouteSpec
-from gateway.quota import LocalQuota
+from gateway.quota import LocalQuota, ledger_totals
 from gateway.settings import ConfigError, Settings
 from gateway.upstream import build_client
 from gateway.usage_api import UsageAPI
 from gateway.validation import ChatRules
+
+if TYPE_CHECKING:
+    from gateway.redis_quota import RedisQuota
 
 __all__ = ["create_app"]
 
@@ -72,22 +79,23 @@ class _Holder:
     keys: KeyStore | None = None
     prices: PriceBook | None = None
 
-    def authenticate(self, key: str) -> Principal | None:
+    async def authenticate(self, key: str) -> Principal | None:
         assert self.keys is not None, "the app's lifespan has not started"
-        return self.keys.authenticate(key)
+        return await self.keys.authenticate(key)
 
     def price_book(self) -> PriceBook:
         assert self.prices is not None, "the app's lifespan has not started"
         return self.prices
 
     def recovery_cost(self, model: str | None, when: float, input_tokens: int, output_tokens: int) -> int:
-        return self.price(model, when).cost(
+        assert self.prices is not None, "the app's lifespan has not started"
+        return self.prices.at(model, when).cost(
             input_tokens=input_tokens, tool_tokens=0, output_tokens=output_tokens
         )
 
-    def price(self, model: str | None, when: float) -> Price:
+    async def price(self, model: str | None, when: float) -> Price:
         assert self.prices is not None, "the app's lifespan has not started"
-        return self.prices.at(model, when)
+        return await self.prices.price_at(model, when)
 
 
 def create_app(
@@ -111,9 +119,15 @@ def create_app(
     metrics = Metrics(registry)
     choices = tuple(c.strip() for c in settings.tool_choices.split(",") if c.strip())
     rules = ChatRules(settings.max_tools, settings.max_schema_depth, choices or None)
-    quota = LocalQuota()
+    instance = uuid.uuid4().hex[:16]
+    quota = _quota_store(settings, metrics, instance)
     client = build_client(settings, transport)
-    ledger = Ledger(settings.db, on_commit=metrics.ledger_commit)
+    ledger = Ledger(
+        settings.db,
+        on_commit=metrics.ledger_commit,
+        instance=instance,
+        replica_timeout=settings.replica_timeout,
+    )
     metrics.ledger_queue.set_function(lambda: ledger.queue_depth)
     proxy = Proxy(
         client=client,
@@ -139,7 +153,10 @@ def create_app(
         holder.keys = KeyStore(db, load_key_secret(settings))
         holder.prices = PriceBook(db)
         recovered = ledger.recover(holder.recovery_cost)
-        quota.load(db, time.time())
+        if isinstance(quota, LocalQuota):
+            quota.load(db, time.time())
+        else:
+            await quota.start(totals=functools.partial(_totals, settings.db))
         if settings.metrics_per_key:
             names = sorted(k.name for k in holder.keys.list())
             metrics.per_key = frozenset(names[: settings.metrics_per_key])
@@ -153,7 +170,10 @@ def create_app(
         finally:
             await ledger.close()
             await client.aclose()
-            db.conn.close()
+            if not isinstance(quota, LocalQuota):
+                await quota.aclose()
+            await db.aclose()
+            db.close()
 
     routes = [
         Route("/healthz", _health, methods=["GET"]),
@@ -185,6 +205,30 @@ def create_app(
     app.add_middleware(AuthMiddleware, authenticate=holder.authenticate)
     app.add_middleware(AdminAuthMiddleware, token=settings.admin_token, authenticate=holder.authenticate)
     return app
+
+
+def _quota_store(settings: Settings, metrics: Metrics, instance: str) -> LocalQuota | RedisQuota:
+    """In-process counters, or Redis when replicas must share them."""
+    if not settings.redis_url:
+        return LocalQuota()
+    from gateway.redis_quota import RedisQuota
+
+    return RedisQuota(
+        settings.redis_url,
+        fail_open=settings.quota_fail_open,
+        prefix=settings.redis_prefix,
+        instance=instance,
+        on_error=lambda op: metrics.quota_store_errors.labels(op).inc(),
+        replica_timeout=settings.replica_timeout,
+    )
+
+
+def _totals(target: str, now: float) -> list[tuple[int, int, int, int]]:
+    db = open_db(target, migrate=False)
+    try:
+        return ledger_totals(db, now)
+    finally:
+        db.close()
 
 
 def _config_dir(settings: Settings) -> Path:

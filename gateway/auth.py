@@ -7,7 +7,7 @@ The principal is left in ``scope["gateway.principal"]``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -26,7 +26,7 @@ class AuthMiddleware:
         self,
         app: ASGIApp,
         *,
-        authenticate: Callable[[str], Principal | None],
+        authenticate: Callable[[str], Awaitable[Principal | None]],
         prefixes: tuple[str, ...] = ("/v1/",),
     ) -> None:
         self.app = app
@@ -48,7 +48,7 @@ class AuthMiddleware:
             )
             return
         scheme, _, key = raw.decode("latin-1").partition(" ")
-        principal = self.authenticate(key.strip()) if scheme.lower() == "bearer" else None
+        principal = await self.authenticate(key.strip()) if scheme.lower() == "bearer" else None
         if principal is None:
             await send_error(
                 send,

@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
         "(default: the bundled emulator, for a demo)",
     )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    serve.add_argument(
+        "--redis", help="redis:// URL for quota counters shared by replicas (env GATEWAY_REDIS_URL)"
+    )
     serve.set_defaults(run=_serve)
 
     keys = sub.add_parser("keys", help="manage customer API keys")
@@ -177,7 +180,7 @@ def _limits_from(args: argparse.Namespace) -> dict[str, int | None]:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", help="SQLite file (default gateway.db; env GATEWAY_DB)")
+    p.add_argument("--db", help="SQLite file or postgresql:// URL (default gateway.db; env GATEWAY_DB)")
     p.add_argument("--config", help="TOML settings file (env GATEWAY_CONFIG)")
 
 
@@ -443,7 +446,12 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.app import create_app
 
     settings = _settings(
-        args, host=args.host, port=args.port, upstream_url=args.upstream, log_level=args.log_level
+        args,
+        host=args.host,
+        port=args.port,
+        upstream_url=args.upstream,
+        log_level=args.log_level,
+        redis_url=args.redis,
     )
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

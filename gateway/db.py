@@ -1,18 +1,44 @@
-"""The SQLite file: opening it the same way everywhere, and its schema migrations.
+"""The ledger database: SQLite (embedded, one host) or PostgreSQL (shared by replicas).
 
-WAL with ``synchronous=NORMAL``: a commit survives the process being killed (it is in the
-WAL file before ``commit()`` returns), readers never wait for the writer, and commits do not
-fsync one by one. A power cut may lose the last commits; a SIGKILL loses nothing.
+Every module talks to a :class:`Database`: ``execute``/``query`` with SQLite's ``?`` and
+``:name`` placeholders (translated for PostgreSQL), ``transaction()``, and ``afetchone`` for the
+reads on the request path (inline on SQLite, on an async pool on PostgreSQL). The few SQL
+fragments that differ between the engines live on :class:`Dialect`.
+
+SQLite runs in WAL with ``synchronous=NORMAL``: a commit survives the process being killed (it
+is in the WAL file before ``commit()`` returns), readers never wait for the writer, and commits
+do not fsync one by one. A power cut may lose the last commits; a SIGKILL loses nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import sqlite_utils
 
-__all__ = ["ROLLUP", "SCHEMA_VERSION", "open_db"]
+__all__ = [
+    "ROLLUP_UPSERT",
+    "SCHEMA_VERSION",
+    "SQLITE",
+    "Database",
+    "Dialect",
+    "IntegrityError",
+    "SQLiteDatabase",
+    "is_postgres",
+    "open_db",
+]
+
+Params = Sequence[Any] | dict[str, Any]
+
+
+class IntegrityError(Exception):
+    """A uniqueness or reference constraint refused a write (either engine)."""
+
 
 # Each entry moves the schema one version up; never edit an entry that has shipped.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -106,37 +132,144 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
            WHERE state != 'pending' AND (prompt_tokens IS NOT NULL OR completion_tokens IS NOT NULL)
            GROUP BY 1, 2, 3""",
     ),
+    (
+        # Replicas: facts they must agree on (the key-hash secret, on PostgreSQL), which process
+        # owns a pending row, and when each process was last alive (so that another replica can
+        # recover the rows of one that died).
+        "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "ALTER TABLE requests ADD COLUMN owner TEXT",
+        "CREATE TABLE replicas (instance TEXT PRIMARY KEY, seen_at REAL NOT NULL)",
+    ),
 )
 
-# Adds one settled row (by id) to the daily rollup; a row without usage is no billed request.
-ROLLUP = """INSERT INTO usage_daily
-    SELECT key_id, strftime('%Y-%m-%d', started_at, 'unixepoch'), coalesce(model, ''), 1,
-           coalesce(prompt_tokens, 0), coalesce(tool_tokens, 0), coalesce(completion_tokens, 0),
-           coalesce(cost_micros, 0)
-    FROM requests WHERE id = ? AND (prompt_tokens IS NOT NULL OR completion_tokens IS NOT NULL)
-    ON CONFLICT (key_id, day, model) DO UPDATE SET
-        requests = requests + excluded.requests,
-        input_tokens = input_tokens + excluded.input_tokens,
-        tool_tokens = tool_tokens + excluded.tool_tokens,
-        output_tokens = output_tokens + excluded.output_tokens,
-        cost_micros = cost_micros + excluded.cost_micros"""
 SCHEMA_VERSION = len(MIGRATIONS)
 
+# Rollup upsert shared by both engines: the target table is named on the right-hand side, which
+# PostgreSQL requires and SQLite accepts.
+ROLLUP_UPSERT = """ON CONFLICT (key_id, day, model) DO UPDATE SET
+        requests = usage_daily.requests + excluded.requests,
+        input_tokens = usage_daily.input_tokens + excluded.input_tokens,
+        tool_tokens = usage_daily.tool_tokens + excluded.tool_tokens,
+        output_tokens = usage_daily.output_tokens + excluded.output_tokens,
+        cost_micros = usage_daily.cost_micros + excluded.cost_micros"""
 
-def open_db(path: str, *, migrate: bool = True, check_same_thread: bool = True) -> sqlite_utils.Database:
-    """Open (creating if needed) the gateway's database with the pragmas every connection needs."""
-    if path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, check_same_thread=check_same_thread, isolation_level=None)
+_BILLED = "(prompt_tokens IS NOT NULL OR completion_tokens IS NOT NULL)"
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """The SQL that differs between the engines."""
+
+    name: str
+    # The UTC day ('YYYY-MM-DD') of a unix-time expression, and back to the day's start.
+    day_of: str
+    day_start: str
+    # floor() of a non-negative float expression, as an integer.
+    floor: str
+
+    def rollup(self) -> str:
+        """Adds one settled row (by id) to the daily rollup; a row without usage is no billed request."""
+        return f"""INSERT INTO usage_daily
+    SELECT key_id, {self.day_of.format("started_at")}, coalesce(model, ''), 1,
+           coalesce(prompt_tokens, 0), coalesce(tool_tokens, 0), coalesce(completion_tokens, 0),
+           coalesce(cost_micros, 0)
+    FROM requests WHERE id = ? AND {_BILLED}
+    {ROLLUP_UPSERT}"""
+
+
+SQLITE = Dialect(
+    name="sqlite",
+    day_of="strftime('%Y-%m-%d', {}, 'unixepoch')",
+    day_start="CAST(strftime('%s', {}) AS INTEGER)",
+    floor="CAST({} AS INTEGER)",
+)
+
+
+class Database:
+    """What the gateway needs of a database connection, on either engine."""
+
+    dialect: Dialect
+    target: str
+
+    def execute(self, sql: str, params: Params = ()) -> Any:
+        """Run one statement (autocommit unless inside :meth:`transaction`); a DB-API cursor."""
+        raise NotImplementedError
+
+    def query(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
+        cursor = self.execute(sql, params)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        raise NotImplementedError
+        yield
+
+    async def afetchone(self, sql: str, params: Params = ()) -> tuple[Any, ...] | None:
+        """One row, for the request path: never blocks the event loop for a network round trip."""
+        row = self.execute(sql, params).fetchone()
+        return None if row is None else tuple(row)
+
+    async def aclose(self) -> None:
+        """Release what :meth:`afetchone` opened."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class SQLiteDatabase(Database):
+    dialect = SQLITE
+
+    def __init__(self, target: str, db: sqlite_utils.Database) -> None:
+        self.target = target
+        self.db = db
+        self.conn: sqlite3.Connection = db.conn
+
+    def execute(self, sql: str, params: Params = ()) -> Any:
+        try:
+            return self.conn.execute(sql, params)
+        except sqlite3.IntegrityError as exc:
+            raise IntegrityError(str(exc)) from exc
+
+    def query(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
+        return list(self.db.query(sql, params))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.conn.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def is_postgres(target: str) -> bool:
+    return target.startswith(("postgresql://", "postgres://"))
+
+
+def open_db(target: str, *, migrate: bool = True, check_same_thread: bool = True) -> Database:
+    """Open the gateway's database: a SQLite file (created if needed) or a PostgreSQL URL."""
+    if is_postgres(target):
+        from gateway.postgres import open_postgres
+
+        return open_postgres(target, migrate=migrate)
+    if target != ":memory:":
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(target, check_same_thread=check_same_thread, isolation_level=None)
     conn.execute("PRAGMA busy_timeout = 5000")
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA synchronous = NORMAL")
     db = sqlite_utils.Database(conn)
-    if path != ":memory:":
+    if target != ":memory:":
         db.enable_wal()
     if migrate:
         _migrate(conn)
-    return db
+    return SQLiteDatabase(target, db)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

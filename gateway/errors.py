@@ -119,6 +119,23 @@ class QuotaExceeded(GatewayError):
         return exc
 
 
+class ServiceUnavailable(GatewayError):
+    """503: a store the gateway needs to meter the request (ledger, quota counters) is down;
+    nothing was forwarded, so nothing is billed. Safe to retry."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "service_unavailable"
+
+
+class LedgerUnavailable(ServiceUnavailable):
+    code = "ledger_unavailable"
+
+
+class QuotaStoreUnavailable(ServiceUnavailable):
+    code = "quota_store_unavailable"
+
+
 class UpstreamError(GatewayError):
     status = 502
     type = "upstream_error"

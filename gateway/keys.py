@@ -12,14 +12,12 @@ import hmac
 import os
 import re
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
+from gateway.db import Database, IntegrityError, is_postgres, open_db
 from gateway.limits import LIMIT_NAMES, MAX_VALUE, NO_LIMITS, Limits
 from gateway.settings import Settings
 
@@ -73,9 +71,18 @@ class KeyInfo:
 
 
 def load_key_secret(settings: Settings) -> bytes:
-    """The server secret for key hashes: from settings, else a 0600 file beside the database."""
+    """The server secret for key hashes: from settings, else kept with the ledger.
+
+    SQLite: a 0600 file beside the database. PostgreSQL: a row of the ``meta`` table, so that
+    every replica (and the CLI on any host) hashes keys alike."""
     if settings.key_secret:
         return settings.key_secret.encode()
+    if is_postgres(settings.db):
+        db = open_db(settings.db)
+        try:
+            return _shared_secret(db)
+        finally:
+            db.close()
     path = settings.key_secret_file
     if settings.db == ":memory:":
         return b"in-memory"
@@ -94,8 +101,17 @@ def load_key_secret(settings: Settings) -> bytes:
     return secret
 
 
+def _shared_secret(db: Database) -> bytes:
+    db.execute(
+        "INSERT INTO meta (name, value) VALUES ('key_secret', ?) ON CONFLICT (name) DO NOTHING",
+        [secrets.token_hex(32)],
+    )
+    row = db.execute("SELECT value FROM meta WHERE name = 'key_secret'").fetchone()
+    return str(row[0]).encode()
+
+
 class KeyStore:
-    def __init__(self, db: sqlite_utils.Database, secret: bytes) -> None:
+    def __init__(self, db: Database, secret: bytes) -> None:
         self._db = db
         self._secret = secret
 
@@ -118,14 +134,12 @@ class KeyStore:
         try:
             cursor = self._db.execute(
                 f"INSERT INTO keys (name, prefix, hash, created_at, plan_id, {', '.join(LIMIT_NAMES)}) "
-                f"VALUES (?, ?, ?, ?, ?, {', '.join('?' * len(LIMIT_NAMES))})",
+                f"VALUES (?, ?, ?, ?, ?, {', '.join('?' * len(LIMIT_NAMES))}) RETURNING id",
                 [name, secret[:10], self.hash(secret), now, plan_id, *(values.get(n) for n in LIMIT_NAMES)],
             )
-        except sqlite3.IntegrityError:
+        except IntegrityError:
             raise KeyError_(f"a key named {name!r} already exists") from None
-        key_id = cursor.lastrowid
-        assert key_id is not None
-        return self.get(key_id), secret
+        return self.get(int(cursor.fetchone()[0])), secret
 
     def update(
         self,
@@ -184,15 +198,14 @@ class KeyStore:
     def list(self) -> list[KeyInfo]:
         return [_info(row) for row in self._db.execute(_SELECT + _FROM + " ORDER BY k.id").fetchall()]
 
-    def authenticate(self, key: str) -> Principal | None:
+    async def authenticate(self, key: str) -> Principal | None:
         """The active key's principal, or None. Malformed keys never reach the database."""
         if not _KEY_RE.match(key):
             return None
         digest = self.hash(key)
-        # One indexed read per request: revocation, plan and limit changes apply at once.
-        row = self._db.execute(
-            _SELECT + ", k.hash" + _FROM + " WHERE k.hash = ? AND k.revoked_at IS NULL", [digest]
-        ).fetchone()
+        # One indexed read per request: revocation, plan and limit changes apply at once, on
+        # every replica.
+        row = await self._db.afetchone(_AUTHENTICATE, [digest])
         if row is None or not hmac.compare_digest(row[-1], digest):
             return None
         info = _info(row[:-1])
@@ -206,6 +219,7 @@ _COLUMNS = ", ".join(
 )
 _SELECT = f"SELECT {_COLUMNS}"
 _FROM = " FROM keys k LEFT JOIN plans p ON p.id = k.plan_id"
+_AUTHENTICATE = _SELECT + ", k.hash" + _FROM + " WHERE k.hash = ? AND k.revoked_at IS NULL"
 
 
 def _info(row: tuple[Any, ...]) -> KeyInfo:

@@ -17,11 +17,12 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.db import ROLLUP, open_db
+from gateway.db import ROLLUP_UPSERT, SQLITE, SQLiteDatabase, is_postgres, open_db
 
 __all__ = ["Ledger", "PendingRow", "Settlement"]
 
@@ -64,33 +65,65 @@ class Settlement:
 
 _INSERT = (
     "INSERT INTO requests (id, key_id, model, route, stream, state, started_at, prompt_tokens, "
-    "reserved_tokens) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)"
+    "reserved_tokens, owner) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
 )
 _SETTLE = (
     "UPDATE requests SET state = 'settled', status = ?, upstream_ms = ?, first_byte_ms = ?, "
     "duration_ms = ?, prompt_tokens = ?, completion_tokens = ?, tool_tokens = ?, estimated = ?, "
-    "error = ?, counted_prompt_tokens = ?, cost_micros = ?, reserved_tokens = ? WHERE id = ?"
+    "error = ?, counted_prompt_tokens = ?, cost_micros = ?, reserved_tokens = ? "
+    "WHERE id = ? AND state = 'pending'"
 )
+_PENDING_OF = (
+    "SELECT id, model, started_at, coalesce(prompt_tokens, 0), coalesce(reserved_tokens, 0) FROM requests "
+)
+_RECOVER = (
+    "UPDATE requests SET state = 'recovered', estimated = 1, completion_tokens = ?, cost_micros = ?, "
+    "error = 'gateway stopped before the request settled' WHERE id = ? AND state = 'pending'"
+)
+# PostgreSQL settles and rolls up in one statement: a retried batch can never count a row twice.
+_SETTLE_ROLLUP_PG = (
+    "WITH s AS (" + _SETTLE + " RETURNING key_id, started_at, model, prompt_tokens, tool_tokens, "
+    "completion_tokens, cost_micros) "
+    "INSERT INTO usage_daily SELECT key_id, {day}, coalesce(model, ''), 1, coalesce(prompt_tokens, 0), "
+    "coalesce(tool_tokens, 0), coalesce(completion_tokens, 0), coalesce(cost_micros, 0) FROM s "
+    "WHERE prompt_tokens IS NOT NULL OR completion_tokens IS NOT NULL {upsert}"
+)
+
+Op = tuple[str, tuple[Any, ...], "asyncio.Future[None] | None"]
 
 
 class Ledger:
-    """Owns the writer thread. Use :meth:`start` / :meth:`close` (the app's lifespan does)."""
+    """Owns the writer. Use :meth:`start` / :meth:`close` (the app's lifespan does).
+
+    SQLite: a writer thread. PostgreSQL: an async task on a connection of its own, which also
+    keeps this replica's heartbeat and recovers the rows of replicas that went silent.
+    """
 
     def __init__(
         self,
-        path: str,
+        target: str,
         *,
         on_commit: Callable[[float, int], None] | None = None,
+        instance: str | None = None,
+        replica_timeout: float = 30.0,
     ) -> None:
-        self._path = path
+        self._target = target
+        self._postgres = is_postgres(target)
+        self.instance = instance or uuid.uuid4().hex[:16]
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._aqueue: asyncio.Queue[Any] | None = None
         self._thread: threading.Thread | None = None
+        self._task: asyncio.Task[None] | None = None
         self._on_commit = on_commit
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._cost: Callable[[str | None, float, int, int], int] | None = None
+        self._settle_sql = _SETTLE
+        self._rollup_sql = SQLITE.rollup()
+        self.replica_timeout = replica_timeout
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return self._aqueue.qsize() if self._aqueue is not None else self._queue.qsize()
 
     def recover(self, cost: Callable[[str | None, float, int, int], int] | None = None) -> int:
         """Bill rows left pending by a process that died, at their reserved estimate.
@@ -98,32 +131,39 @@ class Ledger:
         The backend may have served them: the prompt estimate and the output cap stand in for the
         usage it never reported, ``cost`` prices them (model, started_at, input, output), and the
         rows are marked ``recovered`` and ``estimated``. Returns how many.
+
+        SQLite has one gateway process per file, so every pending row is an orphan. On PostgreSQL
+        only rows of replicas silent for ``replica_timeout`` are (and rows from before
+        replicas were tracked); the writer repeats this while it runs.
         """
-        db = open_db(self._path)
+        self._cost = cost
+        db = open_db(self._target)
         try:
-            rows = db.execute(
-                "SELECT id, model, started_at, coalesce(prompt_tokens, 0), coalesce(reserved_tokens, 0) "
-                "FROM requests WHERE state = 'pending'"
-            ).fetchall()
-            with db.conn:
-                db.execute("BEGIN")
-                for request_id, model, started_at, prompt, reserved in rows:
-                    output = max(0, reserved - prompt)
-                    db.execute(
-                        "UPDATE requests SET state = 'recovered', estimated = 1, completion_tokens = ?, "
-                        "cost_micros = ?, error = 'gateway stopped before the request settled' WHERE id = ?",
-                        [output, cost(model, started_at, prompt, output) if cost else None, request_id],
-                    )
-                    db.execute(ROLLUP, [request_id])
-            return len(rows)
+            return _recover(db, cost, time.time() - self.replica_timeout if self._postgres else None)
         finally:
-            db.conn.close()
+            db.close()
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        db = open_db(self._path, check_same_thread=False)
+        if self._postgres:
+            from gateway.postgres import POSTGRES
+
+            self._settle_sql = _SETTLE_ROLLUP_PG.format(
+                day=POSTGRES.day_of.format("started_at"), upsert=ROLLUP_UPSERT
+            )
+            self._aqueue = asyncio.Queue()
+            self._task = asyncio.create_task(self._run_async(), name="ledger-writer")
+            return
+        db = open_db(self._target, check_same_thread=False)
+        assert isinstance(db, SQLiteDatabase)
         self._thread = threading.Thread(target=self._run, args=(db,), name="ledger-writer", daemon=True)
         self._thread.start()
+
+    def _put(self, op: Any) -> None:
+        if self._aqueue is not None:
+            self._aqueue.put_nowait(op)
+        else:
+            self._queue.put(op)
 
     async def pending(self, row: PendingRow) -> None:
         """Write the pending row and wait until it is committed."""
@@ -141,8 +181,9 @@ class Ledger:
             row.started_at,
             row.prompt_estimate,
             reserved,
+            self.instance,
         )
-        self._queue.put((_INSERT, params, future))
+        self._put((_INSERT, params, future))
         await future
 
     def settle(self, s: Settlement) -> None:
@@ -162,18 +203,23 @@ class Ledger:
             s.reserved_tokens,
             s.id,
         )
-        self._queue.put((_SETTLE, params, None))
-        self._queue.put((ROLLUP, (s.id,), None))
+        self._put((self._settle_sql, params, None))
+        if not self._postgres:
+            self._put((self._rollup_sql, (s.id,), None))
 
     async def close(self) -> None:
         """Commit everything queued, then stop the writer."""
-        if self._thread is None:
-            return
-        self._queue.put(_STOP)
-        await asyncio.to_thread(self._thread.join)
-        self._thread = None
+        if self._task is not None:
+            self._put(_STOP)
+            await self._task
+            self._task = None
+        if self._thread is not None:
+            self._put(_STOP)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
 
-    def _run(self, db: Any) -> None:
+    # SQLite: the writer thread
+    def _run(self, db: SQLiteDatabase) -> None:
         conn = db.conn
         stop = False
         while not stop:
@@ -183,16 +229,14 @@ class Ledger:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            if batch[-1] is _STOP or _STOP in batch:
+            if _STOP in batch:
                 stop = True
                 batch = [op for op in batch if op is not _STOP]
             if batch:
                 self._write(conn, batch)
         conn.close()
 
-    def _write(
-        self, conn: Any, batch: list[tuple[str, tuple[Any, ...], asyncio.Future[None] | None]]
-    ) -> None:
+    def _write(self, conn: Any, batch: list[Op]) -> None:
         t0 = time.perf_counter()
         try:
             conn.execute("BEGIN")
@@ -219,6 +263,69 @@ class Ledger:
                 # A closed loop means nobody is waiting any more.
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(_resolve, future, errors.get(i))
+
+    # PostgreSQL: the writer task
+    async def _run_async(self) -> None:
+        from gateway.postgres import AsyncWriter
+
+        assert self._aqueue is not None
+        writer = AsyncWriter(self._target, self.instance, self._on_commit)
+        next_beat = 0.0
+        beat = self.replica_timeout / 3
+        stop = False
+        try:
+            while not stop:
+                if time.monotonic() >= next_beat:
+                    await writer.heartbeat(self._recover_silent)
+                    next_beat = time.monotonic() + beat
+                try:
+                    first = await asyncio.wait_for(self._aqueue.get(), beat)
+                except TimeoutError:
+                    continue
+                batch = [first]
+                while len(batch) < MAX_BATCH and not self._aqueue.empty():
+                    batch.append(self._aqueue.get_nowait())
+                if _STOP in batch:
+                    stop = True
+                    batch = [op for op in batch if op is not _STOP]
+                if batch:
+                    await writer.write(batch)
+        finally:
+            await writer.close()
+
+    def _recover_silent(self, db: Any) -> int:
+        return _recover(db, self._cost, time.time() - self.replica_timeout)
+
+
+def _recover(
+    db: Any, cost: Callable[[str | None, float, int, int], int] | None, silent_since: float | None
+) -> int:
+    """Recover pending rows: all (``silent_since`` None) or those of replicas silent since then."""
+    if silent_since is None:
+        where = "WHERE state = 'pending'"
+        params: list[Any] = []
+    else:
+        where = (
+            "WHERE state = 'pending' AND (owner IS NULL OR owner NOT IN "
+            "(SELECT instance FROM replicas WHERE seen_at >= ?))"
+        )
+        params = [silent_since]
+    rows = db.execute(_PENDING_OF + where, params).fetchall()
+    if not rows:
+        return 0
+    rollup = db.dialect.rollup()
+    recovered = 0
+    with db.transaction():
+        for request_id, model, started_at, prompt, reserved in rows:
+            output = max(0, reserved - prompt)
+            cursor = db.execute(
+                _RECOVER,
+                [output, cost(model, started_at, prompt, output) if cost else None, request_id],
+            )
+            if cursor.rowcount:  # another replica may have recovered it first
+                db.execute(rollup, [request_id])
+                recovered += 1
+    return recovered
 
 
 def _resolve(future: asyncio.Future[None], exc: BaseException | None) -> None:

@@ -10,13 +10,12 @@ integer micro-units of the operator's currency (1 unit = 1,000,000 micro-units),
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 import time
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-import sqlite_utils
+from gateway.db import Database, IntegrityError
 
 __all__ = ["LIMIT_NAMES", "NO_LIMITS", "Limits", "PlanError", "PlanStore", "format_money", "parse_money"]
 
@@ -101,7 +100,7 @@ def parse_limit(name: str, text: str) -> int | None:
 
 
 class PlanStore:
-    def __init__(self, db: sqlite_utils.Database) -> None:
+    def __init__(self, db: Database) -> None:
         self._db = db
 
     def create(self, name: str, values: dict[str, int | None]) -> dict[str, Any]:
@@ -112,7 +111,7 @@ class PlanStore:
                 f"VALUES (?, {', '.join('?' * len(LIMIT_NAMES))}, ?)",
                 [name, *(values.get(n) for n in LIMIT_NAMES), time.time()],
             )
-        except sqlite3.IntegrityError:
+        except IntegrityError:
             raise PlanError(f"a plan named {name!r} already exists") from None
         return self.get(name)
 

@@ -34,7 +34,8 @@ class LimitsAPI:
     async def handle(self, request: Request) -> Response:
         principal: Principal = request.scope[PRINCIPAL]
         now = time.time()
-        windows = self.quota.windows(principal.key_id, principal.limits, now)
+        windows = await self.quota.windows(principal.key_id, principal.limits, now)
+        prices = await self.prices().acurrent(now)
         return JSONResponse(
             {
                 "object": "limits",
@@ -55,7 +56,7 @@ class LimitsAPI:
                 "prices": {
                     "currency": self.currency,
                     "unit": "micro-units per million tokens",
-                    "models": [p.as_dict() for p in self.prices().current(now)],
+                    "models": [p.as_dict() for p in prices],
                 },
             }
         )

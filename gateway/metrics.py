@@ -102,6 +102,13 @@ class Metrics:
         self.rejections = Counter(
             "gateway_quota_rejections", "Requests refused by a limit.", ["limit", "type"], registry=r
         )
+        self.quota_store_errors = Counter(
+            "gateway_quota_store_errors",
+            "Operations the shared quota store (Redis) failed, by operation; reserve failures were "
+            "refused (fail-closed) or served unchecked (fail-open).",
+            ["op"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "gateway_requests_in_flight",
             "Proxied requests being served now.",

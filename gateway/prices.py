@@ -10,12 +10,12 @@ it started, and its cost is stored on its ledger row, so a later change never re
 
 from __future__ import annotations
 
-import sqlite3
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import sqlite_utils
+from gateway.db import Database, IntegrityError
 
 __all__ = ["DEFAULT_MODEL", "Price", "PriceBook", "PriceError"]
 
@@ -61,8 +61,15 @@ class Price:
 FREE = Price(0, 0, 0)
 
 
+_AT = (
+    "SELECT input_per_m, tool_per_m, output_per_m, model, effective_from FROM prices "
+    "WHERE model IN (?, ?) AND effective_from <= ? "
+    "ORDER BY model = ? , effective_from DESC LIMIT 1"
+)
+
+
 class PriceBook:
-    def __init__(self, db: sqlite_utils.Database) -> None:
+    def __init__(self, db: Database) -> None:
         self._db = db
 
     def set(self, model: str, price: Price, effective_from: float | None = None) -> Price:
@@ -80,19 +87,25 @@ class PriceBook:
                 "VALUES (?, ?, ?, ?, ?)",
                 [model, price.input_per_m, price.tool_per_m, price.output_per_m, when],
             )
-        except sqlite3.IntegrityError:
+        except IntegrityError:
             raise PriceError(f"{model!r} already has a price effective at that moment") from None
         return Price(price.input_per_m, price.tool_per_m, price.output_per_m, model, when)
 
     def at(self, model: str | None, when: float) -> Price:
         """The price in force for ``model`` at ``when``: its own, else the default, else free."""
-        row = self._db.execute(
-            "SELECT input_per_m, tool_per_m, output_per_m, model, effective_from FROM prices "
-            "WHERE model IN (?, ?) AND effective_from <= ? "
-            "ORDER BY model = ? , effective_from DESC LIMIT 1",
-            [model or DEFAULT_MODEL, DEFAULT_MODEL, when, DEFAULT_MODEL],
-        ).fetchone()
+        row = self._db.execute(_AT, [model or DEFAULT_MODEL, DEFAULT_MODEL, when, DEFAULT_MODEL]).fetchone()
         return Price(*row) if row else FREE
+
+    async def price_at(self, model: str | None, when: float) -> Price:
+        """:meth:`at` for the request path (no blocking round trip on PostgreSQL)."""
+        row = await self._db.afetchone(_AT, [model or DEFAULT_MODEL, DEFAULT_MODEL, when, DEFAULT_MODEL])
+        return Price(*row) if row else FREE
+
+    async def acurrent(self, when: float | None = None) -> list[Price]:
+        """:meth:`current` off the event loop where the database is a network hop away."""
+        if self._db.dialect.name == "sqlite":
+            return self.current(when)
+        return await asyncio.to_thread(self.current, when)
 
     def current(self, when: float | None = None) -> list[Price]:
         """The price in force now for every priced model (the default included)."""

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +75,7 @@ class Proxy:
         accountant: Accountant,
         metrics: Metrics,
         quota: QuotaStore,
-        prices: Callable[[str | None, float], Price],
+        prices: Callable[[str | None, float], Awaitable[Price]],
         default_max_tokens: int = 1024,
         backend_counts_tools: bool = True,
         emulate_tool_streams: bool = True,
@@ -152,7 +152,7 @@ class Proxy:
             modified = strip_usage = _ask_for_stream_usage(payload)
 
         limits = principal.limits
-        price = self.prices(model, started_at) if method == "POST" else None
+        price = await self.prices(model, started_at) if method == "POST" else None
         demand = Demand(0, 0)
         counted: Accounting | None = None
         if limits.budgets_tokens and method == "POST":
@@ -179,7 +179,7 @@ class Proxy:
         if limits.any:
             now = time.time()
             result = await self.quota.reserve(principal.key_id, limits, demand, now)
-            rate_headers = rate_limit_headers(self.quota.windows(principal.key_id, limits, now), now)
+            rate_headers = rate_limit_headers(await self.quota.windows(principal.key_id, limits, now), now)
             if isinstance(result, Rejection):
                 raise QuotaExceeded.from_rejection(result, rate_headers)
             reservation = result

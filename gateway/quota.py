@@ -18,11 +18,20 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import sqlite_utils
-
+from gateway.db import Database
 from gateway.limits import Limits
 
-__all__ = ["Demand", "LocalQuota", "QuotaStore", "Rejection", "Reservation", "WindowState"]
+__all__ = [
+    "CHECK_ORDER",
+    "Demand",
+    "LocalQuota",
+    "QuotaStore",
+    "Rejection",
+    "Reservation",
+    "WindowState",
+    "ledger_totals",
+    "reject",
+]
 
 MINUTE = 60.0
 
@@ -41,6 +50,8 @@ class Reservation:
     month: str
     started_at: float
     released: bool = False
+    id: str = ""  # a shared store's handle on it
+    unchecked: bool = False  # served without a check (the store was down and fails open)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +82,7 @@ class QuotaStore(Protocol):
 
     def settle(self, reservation: Reservation, tokens: int, spend: int, now: float) -> None: ...
 
-    def windows(self, key_id: int, limits: Limits, now: float) -> list[WindowState]: ...
+    async def windows(self, key_id: int, limits: Limits, now: float) -> list[WindowState]: ...
 
 
 @dataclass
@@ -109,7 +120,7 @@ class LocalQuota:
     def __init__(self) -> None:
         self._keys: dict[int, _KeyState] = {}
 
-    def load(self, db: sqlite_utils.Database, now: float) -> None:
+    def load(self, db: Database, now: float) -> None:
         """Rebuild settled usage for the current day, month and minute from the ledger."""
         month_start = _month_start(now)
         day_start = _day_start(now)
@@ -172,7 +183,10 @@ class LocalQuota:
             state.tokens.append((now, tokens))
             state.minute_tokens += tokens
 
-    def windows(self, key_id: int, limits: Limits, now: float) -> list[WindowState]:
+    async def windows(self, key_id: int, limits: Limits, now: float) -> list[WindowState]:
+        return self.windows_now(key_id, limits, now)
+
+    def windows_now(self, key_id: int, limits: Limits, now: float) -> list[WindowState]:
         state = self._state(key_id, now)
         out = []
         if limits.rpm is not None:
@@ -223,24 +237,27 @@ class LocalQuota:
         )
 
 
+def ledger_totals(db: Database, now: float) -> list[tuple[int, int, int, int]]:
+    """(key_id, day tokens, month tokens, month spend) of every key with settled usage this month."""
+    rows = db.execute(
+        "SELECT key_id, CAST(sum(CASE WHEN started_at >= ? THEN coalesce(prompt_tokens, 0) "
+        "+ coalesce(completion_tokens, 0) ELSE 0 END) AS BIGINT), "
+        "CAST(sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)) AS BIGINT), "
+        "CAST(sum(coalesce(cost_micros, 0)) AS BIGINT) "
+        "FROM requests WHERE started_at >= ? AND state != 'pending' GROUP BY key_id",
+        [_day_start(now), _month_start(now)],
+    ).fetchall()
+    return [(int(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in rows]
+
+
 def _check(state: _KeyState, limits: Limits, demand: Demand, now: float) -> Rejection | None:
     if limits.max_concurrent is not None and state.in_flight + 1 > limits.max_concurrent:
-        return Rejection(
-            "rate_limit_exceeded",
-            "max_concurrent",
-            f"Too many concurrent requests: the limit is {limits.max_concurrent}; retry when one finishes.",
-            1,
-        )
+        return reject("max_concurrent", limits.max_concurrent, state.in_flight, 0, 1, 1.0)
     if limits.rpm is not None and len(state.requests) + 1 > limits.rpm:
         wait = state.requests[0] + MINUTE - now if state.requests else MINUTE
-        return Rejection(
-            "rate_limit_exceeded",
-            "rpm",
-            f"Rate limit reached for requests per minute: limit {limits.rpm}. Try again in {_human(wait)}.",
-            _ceil(wait),
-        )
-    budgets: list[tuple[str, int | None, int, int, int, float, str]] = [
-        ("tpm", limits.tpm, state.minute_tokens, state.reserved_tokens, demand.tokens, 0.0, "tokens"),
+        return reject("rpm", limits.rpm, len(state.requests), 0, 1, wait)
+    budgets: list[tuple[str, int | None, int, int, int, float]] = [
+        ("tpm", limits.tpm, state.minute_tokens, state.reserved_tokens, demand.tokens, 0.0),
         (
             "tokens_per_day",
             limits.tokens_per_day,
@@ -248,7 +265,6 @@ def _check(state: _KeyState, limits: Limits, demand: Demand, now: float) -> Reje
             state.reserved_tokens,
             demand.tokens,
             _day_start(now) + 86400,
-            "tokens",
         ),
         (
             "tokens_per_month",
@@ -257,7 +273,6 @@ def _check(state: _KeyState, limits: Limits, demand: Demand, now: float) -> Reje
             state.reserved_tokens,
             demand.tokens,
             _next_month_start(now),
-            "tokens",
         ),
         (
             "spend_per_month",
@@ -266,31 +281,59 @@ def _check(state: _KeyState, limits: Limits, demand: Demand, now: float) -> Reje
             state.reserved_spend,
             demand.spend,
             _next_month_start(now),
-            "micro-units",
         ),
     ]
-    for name, limit, used, reserved, wanted, resets_at, unit in budgets:
+    for name, limit, used, reserved, wanted, resets_at in budgets:
         if limit is None:
             continue
-        kind = "rate_limit_exceeded" if name == "tpm" else "insufficient_quota"
         if wanted > limit:
-            return Rejection(
-                kind,
-                name,
-                f"Request too large for {name}: limit {limit} {unit}, requested {wanted} "
-                "(counted prompt and tools plus max_tokens). Reduce the input or max_tokens.",
-                None,
-            )
+            return reject(name, limit, used, reserved, wanted, None)
         if used + reserved + wanted > limit:
             wait = _tpm_wait(state, limit, reserved + wanted, now) if name == "tpm" else resets_at - now
-            return Rejection(
-                kind,
-                name,
-                f"Limit reached for {name}: limit {limit} {unit}, used {used}, reserved {reserved}, "
-                f"requested {wanted}. It frees up in {_human(wait)}.",
-                _ceil(wait),
-            )
+            return reject(name, limit, used, reserved, wanted, wait)
     return None
+
+
+# Limits in the order they are checked (every quota store checks in this order).
+CHECK_ORDER = ("max_concurrent", "rpm", "tpm", "tokens_per_day", "tokens_per_month", "spend_per_month")
+
+
+def reject(name: str, limit: int, used: int, reserved: int, wanted: int, wait: float | None) -> Rejection:
+    """The rejection for one limit, worded alike whichever store found it.
+
+    ``wait`` is the seconds until the request could fit; None when it never can (too large)."""
+    if name == "max_concurrent":
+        return Rejection(
+            "rate_limit_exceeded",
+            name,
+            f"Too many concurrent requests: the limit is {limit}; retry when one finishes.",
+            1,
+        )
+    if name == "rpm":
+        wait = MINUTE if wait is None else wait
+        return Rejection(
+            "rate_limit_exceeded",
+            name,
+            f"Rate limit reached for requests per minute: limit {limit}. Try again in {_human(wait)}.",
+            _ceil(wait),
+        )
+    kind = "rate_limit_exceeded" if name == "tpm" else "insufficient_quota"
+    unit = "micro-units" if name == "spend_per_month" else "tokens"
+    if wait is None:
+        return Rejection(
+            kind,
+            name,
+            f"Request too large for {name}: limit {limit} {unit}, requested {wanted} "
+            "(counted prompt and tools plus max_tokens). Reduce the input or max_tokens.",
+            None,
+        )
+    return Rejection(
+        kind,
+        name,
+        f"Limit reached for {name}: limit {limit} {unit}, used {used}, reserved {reserved}, "
+        f"requested {wanted}. It frees up in {_human(wait)}.",
+        _ceil(wait),
+    )
 
 
 def _tpm_wait(state: _KeyState, limit: int, needed: int, now: float) -> float:

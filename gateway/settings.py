@@ -39,7 +39,19 @@ class Settings:
     upstream_url: str | None = None
     # The operator's own credential for the backend; replaces the customer's key upstream.
     upstream_api_key: str | None = field(default=None, repr=False)
+    # The ledger: a SQLite file (one gateway process), or a postgresql:// URL that several
+    # replicas share.
     db: str = DEFAULT_DB
+    # Quota and rate counters shared by replicas (redis://host:port/db). Unset: in this process.
+    redis_url: str | None = None
+    # When Redis cannot be reached: false refuses with 503 (fail-closed); true serves the request
+    # unchecked, counted in gateway_quota_store_errors_total and logged (fail-open).
+    quota_fail_open: bool = False
+    # Prefix of every Redis key the gateway writes (several gateways can share one Redis).
+    redis_prefix: str = "gw:"
+    # Replicas: how long one may stay silent (killed, cut off) before another bills its pending
+    # ledger rows as estimates and releases its quota reservations. Heartbeats go every third.
+    replica_timeout: float = 30.0
     # Reserved for the admin API; the admin API is off while it is unset.
     admin_token: str | None = field(default=None, repr=False)
     # Server secret for the keyed hash of API keys. Unset: kept in a file beside the database.

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-import sqlite_utils
-
+from gateway.db import Database
 from gateway.errors import InvalidRequest
 
 __all__ = ["Query", "buckets", "request_lines", "to_csv"]
@@ -89,7 +88,7 @@ def _day(ts: int) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d")
 
 
-def buckets(db: sqlite_utils.Database, key_id: int | None, q: Query, *, currency: str) -> dict[str, Any]:
+def buckets(db: Database, key_id: int | None, q: Query, *, currency: str) -> dict[str, Any]:
     """One page of buckets; ``key_id`` None means every key (the admin's view)."""
     width = WIDTHS[q.bucket_width]
     first = _align(q.start_time, q.bucket_width)
@@ -133,14 +132,14 @@ def buckets(db: sqlite_utils.Database, key_id: int | None, q: Query, *, currency
     }
 
 
-def _rows(db: sqlite_utils.Database, key_id: int | None, q: Query, lo: int, hi: int) -> list[dict[str, Any]]:
+def _rows(db: Database, key_id: int | None, q: Query, lo: int, hi: int) -> list[dict[str, Any]]:
     by_model = "model" in q.group_by
     by_key = "key" in q.group_by
     where_key = "" if key_id is None else " AND u.key_id = :key_id"
     params: dict[str, Any] = {"key_id": key_id, "lo": lo, "hi": hi, "width": WIDTHS[q.bucket_width]}
     if q.bucket_width == "1d":
         params.update(lo_day=_day(lo), hi_day=_day(hi))
-        bucket = "CAST(strftime('%s', u.day) AS INTEGER)"
+        bucket = db.dialect.day_start.format("u.day")
         model = "nullif(u.model, '')"
         source = "usage_daily u"
         where = "u.day >= :lo_day AND u.day < :hi_day"
@@ -152,7 +151,7 @@ def _rows(db: sqlite_utils.Database, key_id: int | None, q: Query, lo: int, hi: 
             "sum(u.cost_micros)",
         )
     else:
-        bucket = ":lo + CAST((u.started_at - :lo) / :width AS INTEGER) * :width"
+        bucket = ":lo + " + db.dialect.floor.format("(u.started_at - :lo) / :width") + " * :width"
         model = "u.model"
         source = "requests u"
         where = f"u.started_at >= :lo AND u.started_at < :hi AND {BILLED} AND u.state != 'pending'"
@@ -172,11 +171,12 @@ def _rows(db: sqlite_utils.Database, key_id: int | None, q: Query, lo: int, hi: 
         columns += ["u.key_id AS key_id", "(SELECT name FROM keys k WHERE k.id = u.key_id) AS key_name"]
         group.append("u.key_id")
     columns += [
-        f"{sums[0]} AS requests",
-        f"{sums[1]} AS input_tokens",
-        f"{sums[2]} AS tool_tokens",
-        f"{sums[3]} AS output_tokens",
-        f"{sums[4]} AS cost_micros",
+        # Sums are cast back to integers: PostgreSQL widens sum(bigint) to numeric.
+        f"CAST({sums[0]} AS BIGINT) AS requests",
+        f"CAST({sums[1]} AS BIGINT) AS input_tokens",
+        f"CAST({sums[2]} AS BIGINT) AS tool_tokens",
+        f"CAST({sums[3]} AS BIGINT) AS output_tokens",
+        f"CAST({sums[4]} AS BIGINT) AS cost_micros",
     ]
     sql = (
         f"SELECT {', '.join(columns)} FROM {source} WHERE {where}{where_key} "
@@ -186,7 +186,7 @@ def _rows(db: sqlite_utils.Database, key_id: int | None, q: Query, lo: int, hi: 
 
 
 def request_lines(
-    db: sqlite_utils.Database, key_id: int, *, limit: int, before: str | None, currency: str
+    db: Database, key_id: int, *, limit: int, before: str | None, currency: str
 ) -> dict[str, Any]:
     """The key's requests, newest first; ``before`` is the last id of the previous page."""
     params: list[Any] = [key_id]

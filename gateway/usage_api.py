@@ -31,7 +31,7 @@ async def run_query(db_path: str, fn: Callable[[Any], T]) -> T:
         try:
             return fn(db)
         finally:
-            db.conn.close()
+            db.close()
 
     return await asyncio.to_thread(work)
 

@@ -14,14 +14,46 @@ from gateway.emulator.seed import SEED_MESSAGES, SEED_MODEL, SEED_TOOLS
 from gateway.keys import KeyStore, load_key_secret
 from gateway.settings import Settings
 from tests.servers import ServerThread
+from tests.stores import PostgresServer, RedisServer
 
-__all__ = ["CORPUS", "SEED_MESSAGES", "SEED_MODEL", "SEED_TOOLS", "corpus_tools", "ledger_rows"]
+__all__ = ["CORPUS", "ENGINES", "SEED_MESSAGES", "SEED_MODEL", "SEED_TOOLS", "corpus_tools", "ledger_rows"]
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "seal_tools.jsonl"
 
 
+ENGINES = ("sqlite", "postgresql")
+
+
 @pytest.fixture
-def db_path(tmp_path: Path) -> str:
+def engine() -> str:
+    """The ledger's engine; modules whose tests must hold on both override this with ENGINES."""
+    return "sqlite"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def db_path(engine: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """The test's ledger: a SQLite file, or a fresh database on the session's PostgreSQL."""
+    if engine == "postgresql":
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        return server.create_database()
     return str(tmp_path / "gateway.db")
 
 
@@ -44,7 +76,7 @@ def new_key(make_settings: Callable[..., Settings]) -> Callable[[str], str]:
         try:
             return KeyStore(db, load_key_secret(settings)).create(name)[1]
         finally:
-            db.conn.close()
+            db.close()
 
     return mint
 
@@ -78,7 +110,7 @@ def ledger_rows(db_path: str) -> list[dict[str, Any]]:
     try:
         return list(db.query("SELECT * FROM requests ORDER BY started_at"))
     finally:
-        db.conn.close()
+        db.close()
 
 
 def corpus_tools(n: int, offset: int = 0) -> list[dict[str, Any]]:

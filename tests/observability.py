@@ -26,7 +26,7 @@ V3 = "mistralai/Mistral-7B-Instruct-v0.3"
 
 @contextlib.contextmanager
 def observed_gateway(
-    tmp: Path, prometheus: str, seconds: float, scrape: str = "1s"
+    tmp: Path, prometheus_bin: str, seconds: float, scrape: str = "1s"
 ) -> Iterator[tuple[str, str, str]]:
     """Yield (Prometheus URL, gateway URL, the gateway's /metrics text) after ``seconds`` of traffic."""
     db = str(tmp / "gateway.db")
@@ -42,43 +42,52 @@ def observed_gateway(
     PriceBook(open_db(db)).set("*", Price(200_000, 100_000, 800_000), effective_from=0)
     with ServerThread(create_emulator_app(token_latency=0.002)) as emulator:
         settings = Settings(**{**settings.__dict__, "upstream_url": emulator.url + "/v1/openai"})
-        with ServerThread(create_app(settings)) as gateway:
-            port = free_port()
-            config = tmp / "prometheus.yml"
-            config.write_text(
-                yaml.safe_dump(
+        with (
+            ServerThread(create_app(settings)) as gateway,
+            prometheus(tmp, prometheus_bin, [gateway.url], scrape) as url,
+        ):
+            traffic(gateway.url, keys, seconds)
+            time.sleep(3)  # two more scrapes after the last request
+            yield url, gateway.url, httpx.get(gateway.url + "/metrics").text
+
+
+@contextlib.contextmanager
+def prometheus(tmp: Path, binary: str, targets: list[str], scrape: str = "1s") -> Iterator[str]:
+    """Debian's Prometheus scraping ``targets`` (base URLs) with the shipped alert rules; its URL."""
+    port = free_port()
+    config = tmp / "prometheus.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": scrape, "evaluation_interval": scrape},
+                "rule_files": [str(GRAFANA / "alerts.yml")],
+                "scrape_configs": [
                     {
-                        "global": {"scrape_interval": scrape, "evaluation_interval": scrape},
-                        "rule_files": [str(GRAFANA / "alerts.yml")],
-                        "scrape_configs": [
-                            {
-                                "job_name": "gateway",
-                                "static_configs": [{"targets": [gateway.url.removeprefix("http://")]}],
-                            }
-                        ],
+                        "job_name": "gateway",
+                        "static_configs": [{"targets": [t.removeprefix("http://") for t in targets]}],
                     }
-                )
-            )
-            proc = subprocess.Popen(
-                [
-                    prometheus,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={tmp / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                    "--log.level=warn",
                 ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )
-            try:
-                url = f"http://127.0.0.1:{port}"
-                _wait_ready(url, proc)
-                traffic(gateway.url, keys, seconds)
-                time.sleep(3)  # two more scrapes after the last request
-                yield url, gateway.url, httpx.get(gateway.url + "/metrics").text
-            finally:
-                proc.terminate()
-                proc.wait(timeout=20)
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:

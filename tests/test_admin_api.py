@@ -11,7 +11,14 @@ from starlette.testclient import TestClient
 
 from gateway.app import create_app
 from gateway.settings import Settings
-from tests.conftest import SEED_MESSAGES
+from tests.conftest import ENGINES, SEED_MESSAGES
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return str(request.param)
+
 
 ADMIN = {"Authorization": "Bearer admin-secret-token"}
 V3 = "mistralai/Mistral-7B-Instruct-v0.3"

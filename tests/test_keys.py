@@ -1,14 +1,26 @@
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from pathlib import Path
 
 import pytest
 
-from gateway.db import open_db
-from gateway.keys import KeyError_, KeyStore, load_key_secret
+from gateway.db import is_postgres, open_db
+from gateway.keys import KeyError_, KeyStore, Principal, load_key_secret
 from gateway.settings import Settings
+from tests.conftest import ENGINES
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return str(request.param)
+
+
+def _auth(store: KeyStore, key: str) -> Principal | None:
+    return asyncio.run(store.authenticate(key))
 
 
 @pytest.fixture
@@ -19,9 +31,15 @@ def store(db_path: str) -> KeyStore:
 def test_create_authenticate_and_hash_only(store: KeyStore, db_path: str) -> None:
     info, secret = store.create("acme")
     assert secret.startswith("gw-") and len(secret) == 46
-    principal = store.authenticate(secret)
+    principal = _auth(store, secret)
     assert principal is not None and (principal.key_id, principal.name) == (info.id, "acme")
-    raw = Path(db_path).read_bytes() + Path(db_path + "-wal").read_bytes()
+    if is_postgres(db_path):
+        # Every byte PostgreSQL holds of the table, as text.
+        db = open_db(db_path)
+        raw = str(db.query("SELECT * FROM keys")).encode()
+        db.close()
+    else:
+        raw = Path(db_path).read_bytes() + Path(db_path + "-wal").read_bytes()
     assert secret.encode() not in raw
     assert store.hash(secret).encode() in raw
 
@@ -34,11 +52,11 @@ def test_hash_is_keyed(db_path: str) -> None:
 
 def test_unknown_malformed_and_revoked_keys_fail(store: KeyStore) -> None:
     info, secret = store.create("acme")
-    assert store.authenticate("gw-" + "A" * 43) is None
-    assert store.authenticate("not-a-key") is None
-    assert store.authenticate("") is None
+    assert _auth(store, "gw-" + "A" * 43) is None
+    assert _auth(store, "not-a-key") is None
+    assert _auth(store, "") is None
     store.revoke(info.id)
-    assert store.authenticate(secret) is None
+    assert _auth(store, secret) is None
     assert not store.get("acme").active
 
 
@@ -46,8 +64,8 @@ def test_rotate_replaces_the_secret(store: KeyStore) -> None:
     info, old = store.create("acme")
     rotated, new = store.rotate("acme")
     assert rotated.id == info.id and new != old
-    assert store.authenticate(old) is None
-    assert store.authenticate(new) is not None
+    assert _auth(store, old) is None
+    assert _auth(store, new) is not None
 
 
 def test_names_are_unique_and_checked(store: KeyStore) -> None:
@@ -67,3 +85,16 @@ def test_secret_file_is_created_once_with_owner_only_mode(tmp_path: Path) -> Non
     mode = stat.S_IMODE(os.stat(settings.key_secret_file).st_mode)
     assert mode == 0o600
     assert load_key_secret(Settings(db=settings.db, key_secret="explicit")) == b"explicit"
+
+
+def test_replicas_share_one_secret_on_postgresql(engine: str, db_path: str) -> None:
+    """Every replica (and the CLI on any host) must hash keys alike without a shared file."""
+    if engine != "postgresql":
+        pytest.skip("SQLite keeps the secret in a file beside the database")
+    first = load_key_secret(Settings(db=db_path))
+    second = load_key_secret(Settings(db=db_path))
+    assert first == second and len(first) == 64
+    db = open_db(db_path)
+    key_secret = db.execute("SELECT value FROM meta WHERE name = 'key_secret'").fetchone()[0]
+    db.close()
+    assert key_secret.encode() == first

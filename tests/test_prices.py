@@ -6,6 +6,13 @@ import pytest
 
 from gateway.db import open_db
 from gateway.prices import DEFAULT_MODEL, FREE, Price, PriceBook, PriceError
+from tests.conftest import ENGINES
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return str(request.param)
 
 
 def test_cost_is_integer_and_bills_tools_at_the_tool_price() -> None:

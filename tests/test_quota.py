@@ -68,7 +68,7 @@ def test_month_and_spend() -> None:
     q.settle(r, 10, 100, NOON + 1)
     assert isinstance(reserve(q, limits, tokens=10, spend=200), Reservation)
     next_month = calendar.timegm((2026, 12, 1, 0, 0, 1))
-    windows = {w.name: w for w in q.windows(1, limits, next_month)}
+    windows = {w.name: w for w in q.windows_now(1, limits, next_month)}
     assert windows["spend_per_month"].used == 0 and windows["tokens_per_month"].used == 0
 
 
@@ -131,7 +131,7 @@ def test_concurrent_reservations_never_exceed_and_never_leak(limits: Limits) -> 
 
         results = await asyncio.gather(*(one() for _ in range(60)))
         assert q.outstanding() == (0, 0)
-        day = next(w for w in q.windows(1, tight, NOON) if w.name == "tokens_per_day")
+        day = next(w for w in q.windows_now(1, tight, NOON) if w.name == "tokens_per_day")
         return sum(results), day.used
 
     admitted, used = asyncio.run(run())

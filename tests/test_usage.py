@@ -19,7 +19,14 @@ from gateway.db import open_db
 from gateway.keys import KeyStore, load_key_secret
 from gateway.ledger import Ledger, PendingRow, Settlement
 from gateway.settings import Settings
-from tests.conftest import ledger_rows
+from tests.conftest import ENGINES, ledger_rows
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return str(request.param)
+
 
 DAY0 = calendar.timegm((2026, 11, 1, 0, 0, 0))
 MODELS = ["mistralai/Mistral-7B-Instruct-v0.3", "gpt-4"]

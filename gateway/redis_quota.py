@@ -1,0 +1,453 @@
+"""Quota counters on Redis, shared by every gateway replica.
+
+Check-and-reserve and settle are each one Lua script, so they are atomic across replicas: two
+replicas can never both take the last tokens of a budget. Keys (``prefix`` defaults to "gw:"):
+
+- ``{p}{key}:day:{YYYY-MM-DD}`` settled tokens of the UTC day, expiring a day after it ends;
+- ``{p}{key}:month:{YYYY-MM}`` hash of settled tokens and spend, expiring after the month;
+- ``{p}{key}:rpm`` / ``{p}{key}:tpm`` sorted sets of request starts and settled tokens in the
+  sliding minute, trimmed on use and expiring a minute after the last write;
+- ``{p}{key}:live`` hash of reserved tokens, spend and requests in flight;
+- ``{p}res:{instance}`` the reservations each replica holds, and ``{p}alive:{instance}`` its
+  heartbeat. When a replica dies its heartbeat expires and any other replica releases its
+  reservations: a crash leaks nothing for longer than ``replica_timeout``.
+
+If Redis cannot be reached the operator's ``fail_open`` decides: refuse with a 503 (closed, the
+default) or serve unchecked (open), counting ``gateway_quota_store_errors_total`` and logging.
+Settlements that cannot be written are retried until Redis is back.
+
+Redis (Lua) numbers are doubles: counts are exact up to 2**53.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from gateway.errors import QuotaStoreUnavailable
+from gateway.limits import Limits
+from gateway.quota import (
+    MINUTE,
+    Demand,
+    Rejection,
+    Reservation,
+    WindowState,
+    _day,
+    _day_start,
+    _month,
+    _next_month_start,
+    reject,
+)
+
+try:
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise RuntimeError("Redis support needs redis-py: pip install 'llm-metering-gateway[redis]'") from exc
+
+__all__ = ["RedisQuota"]
+
+log = logging.getLogger("gateway.quota")
+
+_NONE = -1  # "no limit" in the scripts' arguments
+_KEEP = 86400  # counters outlive their period by a day (late settlements, /v1/limits)
+
+_RESERVE = """
+local function d(x) return string.format('%d', x) end
+local function f(x) return string.format('%.3f', x) end
+local now = tonumber(ARGV[1])
+local tokens, spend = tonumber(ARGV[2]), tonumber(ARGV[3])
+local lim = {}
+for i = 1, 6 do lim[i] = tonumber(ARGV[5 + i]) end
+local day_reset, month_reset = tonumber(ARGV[12]), tonumber(ARGV[13])
+local horizon = now - 60
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', horizon)
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', horizon)
+local live = redis.call('HMGET', KEYS[3], 'tokens', 'spend', 'n')
+local rtok, rsp, n = tonumber(live[1] or 0), tonumber(live[2] or 0), tonumber(live[3] or 0)
+if lim[1] >= 0 and n + 1 > lim[1] then
+  return {'max_concurrent', d(n), '0', '1', '1'}
+end
+if lim[2] >= 0 then
+  local count = redis.call('ZCARD', KEYS[4])
+  if count + 1 > lim[2] then
+    local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+    local wait = 60
+    if first[2] then wait = tonumber(first[2]) + 60 - now end
+    return {'rpm', d(count), '0', '1', f(wait)}
+  end
+end
+local function check(name, limit, used, reserved, wanted, wait)
+  if limit < 0 then return nil end
+  if wanted > limit then return {name, d(used), d(reserved), d(wanted), '-1'} end
+  if used + reserved + wanted > limit then
+    return {name, d(used), d(reserved), d(wanted), f(wait(used))}
+  end
+  return nil
+end
+if lim[3] >= 0 then
+  local entries = redis.call('ZRANGE', KEYS[5], 0, -1, 'WITHSCORES')
+  local minute = 0
+  for i = 1, #entries, 2 do
+    minute = minute + tonumber(string.match(entries[i], ':(%d+)$'))
+  end
+  local r = check('tpm', lim[3], minute, rtok, tokens, function(used)
+    local excess = used + rtok + tokens - lim[3]
+    for i = 1, #entries, 2 do
+      excess = excess - tonumber(string.match(entries[i], ':(%d+)$'))
+      if excess <= 0 then return tonumber(entries[i + 1]) + 60 - now end
+    end
+    return 60
+  end)
+  if r then return r end
+end
+local day_used = tonumber(redis.call('GET', KEYS[1]) or 0)
+local month = redis.call('HMGET', KEYS[2], 'tokens', 'spend')
+local month_tokens, month_spend = tonumber(month[1] or 0), tonumber(month[2] or 0)
+local r = check('tokens_per_day', lim[4], day_used, rtok, tokens, function() return day_reset - now end)
+if r then return r end
+r = check('tokens_per_month', lim[5], month_tokens, rtok, tokens, function() return month_reset - now end)
+if r then return r end
+r = check('spend_per_month', lim[6], month_spend, rsp, spend, function() return month_reset - now end)
+if r then return r end
+if tokens ~= 0 then redis.call('HINCRBY', KEYS[3], 'tokens', tokens) end
+if spend ~= 0 then redis.call('HINCRBY', KEYS[3], 'spend', spend) end
+redis.call('HINCRBY', KEYS[3], 'n', 1)
+redis.call('ZADD', KEYS[4], now, ARGV[4])
+redis.call('PEXPIRE', KEYS[4], 61000)
+redis.call('HSET', KEYS[6], ARGV[4], ARGV[5])
+return {'ok'}
+"""
+
+_SETTLE = """
+if redis.call('HDEL', KEYS[5], ARGV[1]) == 0 then return 0 end
+local rtok, rsp = tonumber(ARGV[2]), tonumber(ARGV[3])
+local used, spend, now = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+if rtok ~= 0 then redis.call('HINCRBY', KEYS[3], 'tokens', -rtok) end
+if rsp ~= 0 then redis.call('HINCRBY', KEYS[3], 'spend', -rsp) end
+redis.call('HINCRBY', KEYS[3], 'n', -1)
+if used > 0 then
+  redis.call('INCRBY', KEYS[1], used)
+  redis.call('EXPIREAT', KEYS[1], ARGV[7])
+  redis.call('HINCRBY', KEYS[2], 'tokens', used)
+  redis.call('ZADD', KEYS[4], now, ARGV[1] .. ':' .. used)
+  redis.call('PEXPIRE', KEYS[4], 61000)
+end
+if spend > 0 then redis.call('HINCRBY', KEYS[2], 'spend', spend) end
+if used > 0 or spend > 0 then redis.call('EXPIREAT', KEYS[2], ARGV[8]) end
+return 1
+"""
+
+_WINDOWS = """
+local function d(x) return string.format('%d', x) end
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 60)
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - 60)
+local live = redis.call('HMGET', KEYS[3], 'tokens', 'spend', 'n')
+local month = redis.call('HMGET', KEYS[2], 'tokens', 'spend')
+local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+local entries = redis.call('ZRANGE', KEYS[5], 0, -1, 'WITHSCORES')
+local minute = 0
+for i = 1, #entries, 2 do minute = minute + tonumber(string.match(entries[i], ':(%d+)$')) end
+return {
+  redis.call('GET', KEYS[1]) or '0', month[1] or '0', month[2] or '0',
+  live[1] or '0', live[2] or '0', live[3] or '0',
+  d(redis.call('ZCARD', KEYS[4])), first[2] or '-1',
+  d(minute), entries[2] or '-1',
+}
+"""
+
+# Scripts must not fail half-way (Redis keeps the writes before an error): HINCRBY refuses "-0",
+# so zero amounts are skipped rather than negated.
+
+# Releases the reservations of replicas whose heartbeat expired. ARGV[1]: the key prefix.
+_SWEEP = """
+local p = ARGV[1]
+local released = 0
+for _, inst in ipairs(redis.call('SMEMBERS', p .. 'instances')) do
+  if redis.call('EXISTS', p .. 'alive:' .. inst) == 0 then
+    local res = redis.call('HGETALL', p .. 'res:' .. inst)
+    for i = 1, #res, 2 do
+      local key, tokens, spend = string.match(res[i + 1], '^(%d+) (%d+) (%d+)$')
+      local live = p .. key .. ':live'
+      if tokens ~= '0' then redis.call('HINCRBY', live, 'tokens', -tonumber(tokens)) end
+      if spend ~= '0' then redis.call('HINCRBY', live, 'spend', -tonumber(spend)) end
+      redis.call('HINCRBY', live, 'n', -1)
+      released = released + 1
+    end
+    redis.call('DEL', p .. 'res:' .. inst)
+    redis.call('SREM', p .. 'instances', inst)
+  end
+end
+return released
+"""
+
+# (key_id, day tokens, month tokens, month spend) per key, from the ledger.
+Totals = Callable[[float], Iterable[tuple[int, int, int, int]]]
+
+
+class RedisQuota:
+    def __init__(
+        self,
+        url: str,
+        *,
+        fail_open: bool = False,
+        prefix: str = "gw:",
+        instance: str | None = None,
+        on_error: Callable[[str], None] | None = None,
+        timeout: float = 0.5,
+        replica_timeout: float = 30.0,
+    ) -> None:
+        self._alive_ttl = max(1, round(replica_timeout))
+        self.url = url
+        self.fail_open = fail_open
+        self.prefix = prefix
+        self.instance = instance or uuid.uuid4().hex[:16]
+        self._on_error = on_error
+        self._redis = aioredis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True
+        )
+        self._reserve = self._redis.register_script(_RESERVE)
+        self._settle = self._redis.register_script(_SETTLE)
+        self._windows = self._redis.register_script(_WINDOWS)
+        self._sweep = self._redis.register_script(_SWEEP)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._retry: list[tuple[Reservation, int, int, float]] = []
+        self._beat: asyncio.Task[None] | None = None
+        self._totals: Totals | None = None
+
+    # lifecycle
+    async def start(self, totals: Totals | None = None) -> None:
+        """Check Redis answers, rebuild lost counters from the ledger, start the heartbeat."""
+        self._totals = totals
+        try:
+            await self._redis.ping()
+            await self._heartbeat()
+        except RedisError as exc:
+            self._error("start", exc)
+        self._beat = asyncio.create_task(self._beat_loop(), name="quota-heartbeat")
+
+    async def aclose(self) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._beat
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._flush_retries()
+        with contextlib.suppress(RedisError):
+            if not self._retry:
+                # Nothing left to settle: forget this replica now rather than when it expires.
+                await self._redis.delete(self._k("alive:" + self.instance))
+                await self._redis.srem(self._k("instances"), self.instance)
+        await self._redis.aclose()
+
+    # QuotaStore
+    async def reserve(
+        self, key_id: int, limits: Limits, demand: Demand, now: float
+    ) -> Reservation | Rejection:
+        day, month = _day(now), _month(now)
+        reservation = Reservation(key_id, demand, day, month, now, id=uuid.uuid4().hex)
+        args: list[str | int | float] = [
+            now,
+            demand.tokens,
+            demand.spend,
+            reservation.id,
+            f"{key_id} {demand.tokens} {demand.spend}",
+            *(_arg(getattr(limits, name)) for name in _ORDER),
+            _day_start(now) + 86400,
+            _next_month_start(now),
+        ]
+        try:
+            result = await self._reserve(keys=self._keys(key_id, day, month), args=args)
+        except RedisError as exc:
+            self._error("reserve", exc)
+            if not self.fail_open:
+                raise QuotaStoreUnavailable(
+                    "Quotas cannot be checked right now (the quota store is unreachable); retry shortly."
+                ) from None
+            reservation.unchecked = True
+            return reservation
+        if result[0] == "ok":
+            return reservation
+        name, used, reserved, wanted, wait = result
+        limit = getattr(limits, name)
+        return reject(
+            name, limit, int(used), int(reserved), int(wanted), None if wait == "-1" else float(wait)
+        )
+
+    def settle(self, reservation: Reservation, tokens: int, spend: int, now: float) -> None:
+        """Queue the settlement (never blocks, never raises); retried until Redis takes it."""
+        if reservation.released:
+            return
+        reservation.released = True
+        if reservation.unchecked:
+            return
+        task = asyncio.get_running_loop().create_task(self._apply(reservation, tokens, spend, now))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def windows(self, key_id: int, limits: Limits, now: float) -> list[WindowState]:
+        day, month = _day(now), _month(now)
+        try:
+            raw = await self._windows(keys=self._keys(key_id, day, month), args=[now])
+        except RedisError as exc:
+            self._error("windows", exc)
+            return []
+        (day_used, month_tokens, month_spend, rtok, rsp, n, rpm_count, rpm_first, minute, tpm_first) = (
+            float(x) for x in raw
+        )
+        out = []
+        if limits.rpm is not None:
+            reset = rpm_first + MINUTE if rpm_first >= 0 else now
+            out.append(WindowState("rpm", limits.rpm, int(rpm_count), 0, reset))
+        if limits.tpm is not None:
+            reset = tpm_first + MINUTE if tpm_first >= 0 else now
+            out.append(WindowState("tpm", limits.tpm, int(minute), int(rtok), reset))
+        if limits.tokens_per_day is not None:
+            out.append(
+                WindowState(
+                    "tokens_per_day", limits.tokens_per_day, int(day_used), int(rtok), _day_start(now) + 86400
+                )
+            )
+        if limits.tokens_per_month is not None:
+            out.append(
+                WindowState(
+                    "tokens_per_month",
+                    limits.tokens_per_month,
+                    int(month_tokens),
+                    int(rtok),
+                    _next_month_start(now),
+                )
+            )
+        if limits.spend_per_month is not None:
+            out.append(
+                WindowState(
+                    "spend_per_month",
+                    limits.spend_per_month,
+                    int(month_spend),
+                    int(rsp),
+                    _next_month_start(now),
+                )
+            )
+        if limits.max_concurrent is not None:
+            out.append(WindowState("max_concurrent", limits.max_concurrent, int(n), 0, now))
+        return out
+
+    async def outstanding_async(self) -> tuple[int, int]:
+        """(in-flight requests, reserved tokens) over all keys, as Redis has them."""
+        requests = tokens = 0
+        async for name in self._redis.scan_iter(match=self._k("*:live")):
+            live = await self._redis.hmget(name, "n", "tokens")
+            requests += int(live[0] or 0)
+            tokens += int(live[1] or 0)
+        return requests, tokens
+
+    # internals
+    def _k(self, suffix: str) -> str:
+        return self.prefix + suffix
+
+    def _keys(self, key_id: int, day: str, month: str) -> list[str]:
+        base = f"{self.prefix}{key_id}:"
+        return [
+            base + "day:" + day,
+            base + "month:" + month,
+            base + "live",
+            base + "rpm",
+            base + "tpm",
+            self._k("res:" + self.instance),
+        ]
+
+    async def _apply(self, r: Reservation, tokens: int, spend: int, now: float) -> None:
+        for attempt in range(3):
+            try:
+                await self._settle_once(r, tokens, spend, now)
+                return
+            except RedisError as exc:
+                if attempt == 2:
+                    self._error("settle", exc)
+                    self._retry.append((r, tokens, spend, now))
+                    return
+                await asyncio.sleep(0.05 * (attempt + 1))
+
+    async def _settle_once(self, r: Reservation, tokens: int, spend: int, now: float) -> None:
+        keys = self._keys(r.key_id, r.day, r.month)
+        del keys[3]  # no rpm set
+        # Usage counts in the period the request started in (as the ledger and /v1/usage do).
+        day_expiry = int(_day_start(r.started_at)) + 86400 + _KEEP
+        month_expiry = int(_next_month_start(r.started_at)) + _KEEP
+        await self._settle(
+            keys=keys,
+            args=[r.id, r.demand.tokens, r.demand.spend, tokens, spend, now, day_expiry, month_expiry],
+        )
+
+    async def _flush_retries(self) -> None:
+        pending, self._retry = self._retry, []
+        for i, (r, tokens, spend, now) in enumerate(pending):
+            try:
+                await self._settle_once(r, tokens, spend, now)
+            except RedisError:
+                self._retry.extend(pending[i:])
+                return
+
+    async def _beat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._alive_ttl / 3)
+            try:
+                await self._heartbeat()
+            except RedisError as exc:
+                self._error("heartbeat", exc)
+
+    async def _heartbeat(self) -> None:
+        await self._redis.set(self._k("alive:" + self.instance), "1", ex=self._alive_ttl)
+        await self._redis.sadd(self._k("instances"), self.instance)
+        await self._flush_retries()
+        released = await self._sweep(keys=[], args=[self.prefix])
+        if released:
+            log.warning("released %d reservation(s) of replicas that stopped answering", released)
+        await self._rebuild_if_lost()
+
+    async def _rebuild_if_lost(self) -> None:
+        """After Redis lost its data (or on first use), one replica reloads the month from the ledger."""
+        if self._totals is None:
+            return
+        now = time.time()
+        month = _month(now)
+        marker = self._k("loaded:" + month)
+        if not await self._redis.set(marker, "1", nx=True, ex=int(_next_month_start(now) - now) + _KEEP):
+            return
+        rows = await asyncio.to_thread(lambda: list(self._totals(now)) if self._totals else [])
+        day = _day(now)
+        day_expiry = int(_day_start(now)) + 86400 + _KEEP
+        month_expiry = int(_next_month_start(now)) + _KEEP
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for key_id, day_tokens, month_tokens, month_spend in rows:
+                base = f"{self.prefix}{key_id}:"
+                pipe.set(base + "day:" + day, day_tokens)
+                pipe.expireat(base + "day:" + day, day_expiry)
+                pipe.hset(base + "month:" + month, mapping={"tokens": month_tokens, "spend": month_spend})
+                pipe.expireat(base + "month:" + month, month_expiry)
+            await pipe.execute()
+        log.info("quota counters for %s loaded from the ledger (%d keys)", month, len(rows))
+
+    def _error(self, op: str, exc: BaseException) -> None:
+        log.error(
+            "quota store (Redis) %s failed: %s%s",
+            op,
+            exc,
+            " - serving unchecked (fail_open)" if self.fail_open and op == "reserve" else "",
+        )
+        if self._on_error is not None:
+            self._on_error(op)
+
+
+_ORDER = ("max_concurrent", "rpm", "tpm", "tokens_per_day", "tokens_per_month", "spend_per_month")
+
+
+def _arg(value: Any) -> int:
+    return _NONE if value is None else int(value)

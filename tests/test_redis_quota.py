@@ -1,0 +1,209 @@
+"""Quota counters on a real Redis: the same decisions as in-process, atomic across replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pytest
+import redis
+
+from gateway.errors import QuotaStoreUnavailable
+from gateway.limits import Limits
+from gateway.quota import Demand, LocalQuota, Rejection, Reservation, _day_start
+from gateway.redis_quota import RedisQuota
+from tests.servers import free_port
+from tests.stores import RedisServer
+
+# Today's noon: counters expire by Redis's own clock, so the test's clock must be near it.
+NOON = _day_start(time.time()) + 12 * 3600
+T = TypeVar("T")
+
+
+def _run(coro: Awaitable[T]) -> T:
+    async def wrap() -> T:
+        return await coro
+
+    return asyncio.run(wrap())
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:8]}:"
+
+
+def _replica(server: RedisServer, prefix: str, **kw: Any) -> RedisQuota:
+    return RedisQuota(server.url, prefix=prefix, **kw)
+
+
+def test_decides_exactly_as_the_in_process_store(redis_server: RedisServer, prefix: str) -> None:
+    """A random sequence of reserves and settles: same verdicts, same messages, same windows."""
+    rng = random.Random(7)
+    limits = Limits(
+        tokens_per_day=5_000,
+        tokens_per_month=9_000,
+        spend_per_month=40_000,
+        rpm=25,
+        tpm=3_000,
+        max_concurrent=4,
+    )
+
+    async def run() -> None:
+        local, shared = LocalQuota(), _replica(redis_server, prefix)
+        await shared.start()
+        held: list[tuple[Reservation, Reservation]] = []
+        now = NOON
+        for step in range(300):
+            now += rng.choice([0.0, 0.5, 3.0, 20.0])
+            if held and rng.random() < 0.5:
+                a, b = held.pop(rng.randrange(len(held)))
+                used = rng.randint(0, a.demand.tokens)
+                spend = rng.randint(0, a.demand.spend)
+                local.settle(a, used, spend, now)
+                shared.settle(b, used, spend, now)
+                await asyncio.sleep(0)
+                await asyncio.gather(*shared._tasks)
+                continue
+            demand = Demand(rng.randint(1, 900), rng.randint(0, 5_000))
+            expected = await local.reserve(1, limits, demand, now)
+            got = await shared.reserve(1, limits, demand, now)
+            assert type(expected) is type(got), (step, expected, got)
+            if isinstance(expected, Rejection):
+                assert isinstance(got, Rejection)
+                assert (got.kind, got.limit, got.message, got.retry_after) == (
+                    expected.kind,
+                    expected.limit,
+                    expected.message,
+                    expected.retry_after,
+                ), step
+            else:
+                assert isinstance(got, Reservation)
+                held.append((expected, got))
+            assert await shared.windows(1, limits, now) == local.windows_now(1, limits, now), step
+        await shared.aclose()
+
+    _run(run())
+
+
+def test_two_replicas_never_overshoot_a_budget(redis_server: RedisServer, prefix: str) -> None:
+    limits = Limits(tokens_per_day=15 * 16)
+
+    async def run() -> list[Any]:
+        a, b = _replica(redis_server, prefix), _replica(redis_server, prefix)
+        await a.start()
+        await b.start()
+        results = await asyncio.gather(
+            *((a if i % 2 else b).reserve(1, limits, Demand(16, 0), NOON) for i in range(100))
+        )
+        for store in (a, b):
+            await store.aclose()
+        return results
+
+    results = _run(run())
+    assert sum(isinstance(r, Reservation) for r in results) == 15
+
+
+def test_settlement_counts_in_the_period_and_keys_expire(redis_server: RedisServer, prefix: str) -> None:
+    limits = Limits(tokens_per_day=1000)
+
+    async def run() -> None:
+        store = _replica(redis_server, prefix)
+        await store.start()
+        r = await store.reserve(1, limits, Demand(100, 0), NOON)
+        assert isinstance(r, Reservation)
+        store.settle(r, 60, 0, NOON + 1)
+        store.settle(r, 60, 0, NOON + 1)  # idempotent
+        await store.aclose()
+
+    _run(run())
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    day_keys = client.keys(prefix + "1:day:*")
+    assert len(day_keys) == 1 and client.get(day_keys[0]) == "60"
+    # The day's counter expires a day after its day ends (the clock here is the test's NOON).
+    assert client.ttl(day_keys[0]) > 0
+    assert client.hget(prefix + "1:live", "tokens") == "0" and client.hget(prefix + "1:live", "n") == "0"
+    assert 0 < client.pttl(prefix + "1:tpm") <= 61_000
+
+
+def test_a_dead_replicas_reservations_are_released(redis_server: RedisServer, prefix: str) -> None:
+    limits = Limits(max_concurrent=2)
+
+    async def run() -> tuple[Any, Any, Any]:
+        dead = _replica(redis_server, prefix, replica_timeout=1)
+        await dead.start()
+        assert isinstance(await dead.reserve(1, limits, Demand(0, 0), NOON), Reservation)
+        assert isinstance(await dead.reserve(1, limits, Demand(0, 0), NOON), Reservation)
+        dead._beat.cancel() if dead._beat else None  # the process "dies": no heartbeat, no settle
+        alive = _replica(redis_server, prefix, replica_timeout=1)
+        await alive.start()
+        refused = await alive.reserve(1, limits, Demand(0, 0), NOON)
+        await asyncio.sleep(1.5)  # the dead replica's heartbeat expires
+        await alive._heartbeat()
+        admitted = await alive.reserve(1, limits, Demand(0, 0), NOON)
+        windows = await alive.windows(1, limits, NOON)
+        await alive.aclose()
+        return refused, admitted, windows
+
+    refused, admitted, windows = _run(run())
+    assert isinstance(refused, Rejection) and refused.limit == "max_concurrent"
+    assert isinstance(admitted, Reservation)
+    assert windows[0].used == 1
+
+
+def _unreachable(**kw: Any) -> RedisQuota:
+    return RedisQuota(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2, **kw)
+
+
+def test_unreachable_redis_fails_closed_by_default() -> None:
+    errors: list[str] = []
+
+    async def run() -> None:
+        store = _unreachable(on_error=errors.append)
+        with pytest.raises(QuotaStoreUnavailable) as exc:
+            await store.reserve(1, Limits(rpm=5), Demand(1, 0), NOON)
+        assert exc.value.status == 503 and exc.value.code == "quota_store_unavailable"
+        await store.aclose()
+
+    _run(run())
+    assert "reserve" in errors
+
+
+def test_unreachable_redis_fails_open_when_asked() -> None:
+    errors: list[str] = []
+
+    async def run() -> None:
+        store = _unreachable(on_error=errors.append, fail_open=True)
+        r = await store.reserve(1, Limits(rpm=5), Demand(1, 0), NOON)
+        assert isinstance(r, Reservation) and r.unchecked
+        store.settle(r, 1, 0, NOON)  # nothing to release: never raises
+        assert await store.windows(1, Limits(rpm=5), NOON) == []
+        await store.aclose()
+
+    _run(run())
+    assert errors.count("reserve") == 1
+
+
+def test_counters_lost_with_redis_are_reloaded_from_the_ledger(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """Redis restarted empty: one replica reloads the month's settled usage from the ledger."""
+    now_totals: Callable[[float], list[tuple[int, int, int, int]]] = lambda now: [(7, 40, 90, 1234)]  # noqa: E731
+    limits = Limits(tokens_per_day=100, tokens_per_month=100, spend_per_month=10_000)
+
+    async def run() -> list[Any]:
+        store = _replica(redis_server, prefix)
+        await store.start(totals=now_totals)
+        now = time.time()
+        windows = await store.windows(7, limits, now)
+        too_much = await store.reserve(7, limits, Demand(11, 0), now)
+        await store.aclose()
+        return [windows, too_much]
+
+    windows, too_much = _run(run())
+    used = {w.name: w.used for w in windows}
+    assert used == {"tokens_per_day": 40, "tokens_per_month": 90, "spend_per_month": 1234}
+    assert isinstance(too_much, Rejection) and too_much.limit == "tokens_per_month"
