@@ -78,6 +78,8 @@ def wrk(url: str, key: str, seconds: int, connections: int) -> dict[str, float]:
             f"-c{connections}",
             f"-d{seconds}s",
             "--latency",
+            "--timeout",
+            "10s",
             "-s",
             script.name,
             url + "/v1/chat/completions",
@@ -91,6 +93,9 @@ def wrk(url: str, key: str, seconds: int, connections: int) -> dict[str, float]:
         raise RuntimeError(f"the gateway refused requests during the benchmark:\n{out}")
     return {
         "throughput_rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "requests": int(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
+        # Sent but unanswered within the timeout: the server still serves (and bills) them.
+        "timeouts": int(m.group(1)) if (m := re.search(r"timeout (\d+)", out)) else 0,
         "p50_ms": _ms(re.search(r"50%\s+([\d.]+\w+)", out).group(1)),  # type: ignore[union-attr]
         "p99_ms": _ms(re.search(r"99%\s+([\d.]+\w+)", out).group(1)),  # type: ignore[union-attr]
         "mean_ms": _ms(re.search(r"Latency\s+([\d.]+\w+)", out).group(1)),  # type: ignore[union-attr]

@@ -170,6 +170,7 @@ class PostgresDatabase(Database):
         self.conn = conn
         self._lock = threading.RLock()  # one sync connection, shared by worker threads
         self._pool: psycopg_pool.AsyncConnectionPool | None = None
+        self._pool_loop: asyncio.AbstractEventLoop | None = None
         self._pool_size = pool_size
 
     def execute(self, sql: str, params: Params = ()) -> Any:
@@ -189,7 +190,13 @@ class PostgresDatabase(Database):
             yield
 
     async def afetchone(self, sql: str, params: Params = ()) -> tuple[Any, ...] | None:
+        loop = asyncio.get_running_loop()
+        if self._pool is not None and self._pool_loop is not loop:
+            # A pool lives and dies with its event loop (its workers are that loop's tasks);
+            # a caller on a new loop gets a new pool rather than one whose loop is gone.
+            self._pool = None
         if self._pool is None:
+            self._pool_loop = loop
             self._pool = psycopg_pool.AsyncConnectionPool(
                 self.target,
                 min_size=1,

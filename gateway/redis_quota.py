@@ -26,7 +26,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from gateway.errors import QuotaStoreUnavailable
@@ -65,6 +65,7 @@ local tokens, spend = tonumber(ARGV[2]), tonumber(ARGV[3])
 local lim = {}
 for i = 1, 6 do lim[i] = tonumber(ARGV[5 + i]) end
 local day_reset, month_reset = tonumber(ARGV[12]), tonumber(ARGV[13])
+if redis.call('EXISTS', KEYS[7]) == 1 then return {'released'} end
 local horizon = now - 60
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', horizon)
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', horizon)
@@ -125,7 +126,12 @@ return {'ok'}
 """
 
 _SETTLE = """
-if redis.call('HDEL', KEYS[5], ARGV[1]) == 0 then return 0 end
+if redis.call('HDEL', KEYS[5], ARGV[1]) == 0 then
+  -- Not reserved (yet): a release after a failed reserve leaves a tombstone, so that a reserve
+  -- still on its way cannot take what no one will ever settle.
+  if ARGV[9] == '1' then redis.call('SET', KEYS[6], '1', 'EX', 600) end
+  return 0
+end
 local rtok, rsp = tonumber(ARGV[2]), tonumber(ARGV[3])
 local used, spend, now = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 if rtok ~= 0 then redis.call('HINCRBY', KEYS[3], 'tokens', -rtok) end
@@ -217,7 +223,7 @@ class RedisQuota:
         self._windows = self._redis.register_script(_WINDOWS)
         self._sweep = self._redis.register_script(_SWEEP)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._retry: list[tuple[Reservation, int, int, float]] = []
+        self._retry: list[tuple[Reservation, int, int, float, bool]] = []
         self._beat: asyncio.Task[None] | None = None
         self._totals: Totals | None = None
 
@@ -264,9 +270,14 @@ class RedisQuota:
             _next_month_start(now),
         ]
         try:
-            result = await self._reserve(keys=self._keys(key_id, day, month), args=args)
+            result = await self._reserve(
+                keys=[*self._keys(key_id, day, month), self._k("gone:" + reservation.id)], args=args
+            )
         except RedisError as exc:
             self._error("reserve", exc)
+            # The script may have run even though its answer was lost (a timeout): release it,
+            # or the reservation would be held until this replica stops.
+            self._queue(self._apply(reservation, 0, 0, now, release=True))
             if not self.fail_open:
                 raise QuotaStoreUnavailable(
                     "Quotas cannot be checked right now (the quota store is unreachable); retry shortly."
@@ -275,6 +286,8 @@ class RedisQuota:
             return reservation
         if result[0] == "ok":
             return reservation
+        if result[0] == "released":  # a reservation id is never reused: cannot happen
+            raise QuotaStoreUnavailable("Quota reservation was released before it was made; retry.")
         name, used, reserved, wanted, wait = result
         limit = getattr(limits, name)
         return reject(
@@ -288,7 +301,10 @@ class RedisQuota:
         reservation.released = True
         if reservation.unchecked:
             return
-        task = asyncio.get_running_loop().create_task(self._apply(reservation, tokens, spend, now))
+        self._queue(self._apply(reservation, tokens, spend, now))
+
+    def _queue(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -363,34 +379,49 @@ class RedisQuota:
             self._k("res:" + self.instance),
         ]
 
-    async def _apply(self, r: Reservation, tokens: int, spend: int, now: float) -> None:
+    async def _apply(
+        self, r: Reservation, tokens: int, spend: int, now: float, *, release: bool = False
+    ) -> None:
         for attempt in range(3):
             try:
-                await self._settle_once(r, tokens, spend, now)
+                await self._settle_once(r, tokens, spend, now, release)
                 return
             except RedisError as exc:
                 if attempt == 2:
-                    self._error("settle", exc)
-                    self._retry.append((r, tokens, spend, now))
+                    self._error("release" if release else "settle", exc)
+                    self._retry.append((r, tokens, spend, now, release))
                     return
                 await asyncio.sleep(0.05 * (attempt + 1))
 
-    async def _settle_once(self, r: Reservation, tokens: int, spend: int, now: float) -> None:
+    async def _settle_once(
+        self, r: Reservation, tokens: int, spend: int, now: float, release: bool = False
+    ) -> None:
         keys = self._keys(r.key_id, r.day, r.month)
         del keys[3]  # no rpm set
+        keys.append(self._k("gone:" + r.id))
         # Usage counts in the period the request started in (as the ledger and /v1/usage do).
         day_expiry = int(_day_start(r.started_at)) + 86400 + _KEEP
         month_expiry = int(_next_month_start(r.started_at)) + _KEEP
         await self._settle(
             keys=keys,
-            args=[r.id, r.demand.tokens, r.demand.spend, tokens, spend, now, day_expiry, month_expiry],
+            args=[
+                r.id,
+                r.demand.tokens,
+                r.demand.spend,
+                tokens,
+                spend,
+                now,
+                day_expiry,
+                month_expiry,
+                int(release),
+            ],
         )
 
     async def _flush_retries(self) -> None:
         pending, self._retry = self._retry, []
-        for i, (r, tokens, spend, now) in enumerate(pending):
+        for i, (r, tokens, spend, now, release) in enumerate(pending):
             try:
-                await self._settle_once(r, tokens, spend, now)
+                await self._settle_once(r, tokens, spend, now, release)
             except RedisError:
                 self._retry.extend(pending[i:])
                 return

@@ -20,7 +20,15 @@ def engine(request: pytest.FixtureRequest) -> str:
 
 
 def _auth(store: KeyStore, key: str) -> Principal | None:
-    return asyncio.run(store.authenticate(key))
+    async def run() -> Principal | None:
+        try:
+            return await store.authenticate(key)
+        finally:
+            # Close the read pool in the loop that owns it: asyncio.run cannot always cancel
+            # psycopg_pool's workers (they survive a cancel while connecting) and would wait forever.
+            await store._db.aclose()
+
+    return asyncio.run(run())
 
 
 @pytest.fixture

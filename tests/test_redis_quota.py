@@ -154,6 +154,44 @@ def test_a_dead_replicas_reservations_are_released(redis_server: RedisServer, pr
     assert windows[0].used == 1
 
 
+def test_a_reserve_whose_answer_is_lost_is_released(redis_server: RedisServer, prefix: str) -> None:
+    """A timeout after Redis ran the script: the reservation must not be held until the replica stops."""
+    limits = Limits(tokens_per_day=1_000, max_concurrent=5)
+
+    async def run() -> tuple[list[Any], list[Any]]:
+        store = _replica(redis_server, prefix)
+        script = store._reserve
+
+        async def ran_then_lost(**kw: Any) -> Any:
+            await script(**kw)
+            raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+        store._reserve = ran_then_lost  # type: ignore[assignment]
+        with pytest.raises(QuotaStoreUnavailable):
+            await store.reserve(1, limits, Demand(300, 0), NOON)
+        store._reserve = script
+        await asyncio.gather(*store._tasks)
+        after_loss = await store.windows(1, limits, NOON)
+
+        # A release that overtakes its reserve (another connection): the late reserve takes nothing.
+        late = Reservation(1, Demand(300, 0), "d", "m", NOON, id=uuid.uuid4().hex)
+        await store._settle_once(late, 0, 0, NOON, release=True)
+        day, month = time.strftime("%Y-%m-%d", time.gmtime(NOON)), time.strftime("%Y-%m", time.gmtime(NOON))
+        raw = await script(
+            keys=[*store._keys(1, day, month), store._k("gone:" + late.id)],
+            args=[NOON, 300, 0, late.id, "1 300 0", 5, -1, -1, 1000, -1, -1, NOON + 1, NOON + 2],
+        )
+        assert raw == ["released"]
+        after_race = await store.windows(1, limits, NOON)
+        await store.aclose()
+        return after_loss, after_race
+
+    after_loss, after_race = _run(run())
+    for windows in (after_loss, after_race):
+        state = {w.name: (w.used, w.reserved) for w in windows}
+        assert state == {"tokens_per_day": (0, 0), "max_concurrent": (0, 0)}
+
+
 def _unreachable(**kw: Any) -> RedisQuota:
     return RedisQuota(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2, **kw)
 

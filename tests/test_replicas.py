@@ -144,17 +144,22 @@ def test_rate_and_concurrency_limits_hold_across_replicas(cluster: Cluster) -> N
 
 def test_a_killed_replica_is_recovered_by_the_survivor(cluster: Cluster) -> None:
     _, key = cluster.store.create("acme", limits={"tokens_per_day": 100 * DEMAND, "max_concurrent": 20})
-    a, b = cluster.start(2)
+    with EmulatorProcess("--latency", "5") as slow:  # holds the five long enough to kill their replica
+        a, b = cluster.start(2, GATEWAY_UPSTREAM_URL=slow.url + "/v1/openai")
 
-    async def fire_and_kill() -> None:
-        task = asyncio.ensure_future(_fire([a.url], key, 5))
-        await asyncio.sleep(0.15)  # the five are at the backend (it answers after 0.3 s)
-        a.kill()
-        await asyncio.gather(task, return_exceptions=True)
+        async def fire_and_kill() -> None:
+            task = asyncio.ensure_future(_fire([a.url], key, 5))
+            deadline = time.monotonic() + 15
+            # Pending rows are on disk before forwarding: kill once all five are at the backend.
+            while sum(r["state"] == "pending" for r in ledger_rows(cluster.db)) < 5:
+                assert time.monotonic() < deadline, ledger_rows(cluster.db)
+                await asyncio.sleep(0.05)
+            a.kill()
+            await asyncio.gather(task, return_exceptions=True)
 
-    asyncio.run(fire_and_kill())
-    pending = [r for r in ledger_rows(cluster.db) if r["state"] == "pending"]
-    assert len(pending) == 5  # on disk before forwarding; their replica is gone
+        asyncio.run(fire_and_kill())
+        pending = [r for r in ledger_rows(cluster.db) if r["state"] == "pending"]
+        assert len(pending) == 5  # on disk before forwarding; their replica is gone
     deadline = time.monotonic() + 4 * REPLICA_TIMEOUT
     while time.monotonic() < deadline:
         rows = ledger_rows(cluster.db)
