@@ -15,10 +15,13 @@ import httpx
 import uvicorn
 
 
-def floor_app(upstream: str) -> Any:
+def floor_app(upstream: str, transport: str = "httpx") -> Any:
+    from gateway.upstream import make_transport
+
     client = httpx.AsyncClient(
         timeout=httpx.Timeout(600, connect=5),
         limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+        transport=make_transport(transport, max_connections=512),
     )
     base = upstream.rstrip("/")
 
@@ -63,9 +66,10 @@ def main() -> None:
     )
     parser.add_argument("--port", type=int, default=8090)
     parser.add_argument("--upstream", required=True)
+    parser.add_argument("--transport", default="httpx", choices=("httpx", "aiohttp"))
     args = parser.parse_args()
     uvicorn.run(
-        floor_app(args.upstream),
+        floor_app(args.upstream, args.transport),
         host="127.0.0.1",
         port=args.port,
         log_level="warning",

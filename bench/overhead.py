@@ -1,23 +1,27 @@
-"""Benchmark: what the gateway adds, beside the backend alone and a bare pass-through proxy.
+"""Benchmark: what the gateway adds, beside the backend alone and bare pass-through proxies.
 
 Starts the emulator (zero latency), the gateway with full metering (a key with every limit: auth,
-tool accounting, quota reserve and settle, ledger, metrics) and the floor (``bench/floor.py``:
-the same server and HTTP client, no metering), each in its own process. Then:
+tool accounting, quota reserve and settle, ledger, metrics) and two floors (``bench/floor.py``:
+the same server and httpx client API, no metering; one on httpx's own pool, one on the aiohttp
+transport the gateway uses by default), each in its own process; with ``--litellm`` also
+LiteLLM's proxy in front of the same emulator (installed into its own virtualenv). Then:
 
-1. interleaved sequential requests (direct, floor, gateway) for the seed's tool request and a
-   20-tool, ~8k-token request: p50 and p99, and what the floor and the gateway add;
+1. interleaved sequential requests (each target in turn) for the seed's tool request and a
+   20-tool, ~8k-token request: p50 and p99, what each adds to the backend alone, and the
+   gateway's margin over each floor;
 2. a concurrency sweep with wrk (1, 8, 32, 128 connections): throughput and p99 for each;
-3. the gateway's RSS at rest and after the load.
+3. the gateway's RSS at rest and at its peak under the load.
 
-Writes bench/results/overhead.{json,md}.
+Writes bench/results/overhead.{json,md}; prints progress as it goes.
 
-    python -m bench.overhead [--requests 500] [--seconds 5]     (needs wrk: apt-get install -y wrk)
+    python -m bench.overhead [--requests 500] [--seconds 5] [--litellm]   (needs wrk)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -50,6 +54,10 @@ def big_request() -> dict[str, Any]:
     return {"model": "mistralai/Mistral-7B-Instruct-v0.3", "messages": messages, "tools": tools}
 
 
+TRANSPORTS = ("httpx", "aiohttp")
+CONNECTIONS = (1, 8, 32, 128)
+
+
 def sequential(
     targets: dict[str, tuple[str, dict[str, str]]], body: dict[str, Any], n: int
 ) -> dict[str, Any]:
@@ -74,10 +82,47 @@ def sequential(
             "p50_ms": statistics.median(values) * 1000,
             "p99_ms": values[int(len(values) * 0.99) - 1] * 1000,
         }
-    for name in ("floor", "gateway"):
+    for name in out:
         out[name]["added_p50_ms"] = out[name]["p50_ms"] - out["direct"]["p50_ms"]
         out[name]["added_p99_ms"] = out[name]["p99_ms"] - out["direct"]["p99_ms"]
     return out
+
+
+def _start_floor(emulator_url: str, transport: str) -> tuple[subprocess.Popen[bytes], str]:
+    from tests.servers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.floor",
+            "--port",
+            str(port),
+            "--upstream",
+            emulator_url + "/v1/openai",
+            "--transport",
+            transport,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    _wait_up(url + "/v1/models", proc)
+    return proc, url
+
+
+def _wait_up(url: str, proc: subprocess.Popen[Any], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with {proc.returncode}")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
 
 
 def main() -> int:
@@ -86,6 +131,11 @@ def main() -> int:
     )
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--seconds", type=int, default=5, help="per wrk run")
+    parser.add_argument(
+        "--litellm",
+        action="store_true",
+        help="also LiteLLM's proxy, installed from PyPI into its own virtualenv (bench/litellm.py)",
+    )
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -94,9 +144,10 @@ def main() -> int:
     from gateway.db import open_db
     from gateway.keys import KeyStore, load_key_secret
     from gateway.settings import Settings
-    from tests.servers import EmulatorProcess, GatewayProcess, free_port
+    from tests.servers import EmulatorProcess, GatewayProcess
 
-    result: dict[str, Any] = {"python": sys.version.split()[0]}
+    result: dict[str, Any] = {"python": sys.version.split()[0], "cpus": os.cpu_count()}
+    procs: list[subprocess.Popen[Any]] = []
     with tempfile.TemporaryDirectory() as tmp, EmulatorProcess() as emulator:
         settings = Settings(db=f"{tmp}/bench.db")
         _, key = KeyStore(open_db(settings.db), load_key_secret(settings)).create(
@@ -105,35 +156,27 @@ def main() -> int:
         gateway = GatewayProcess(
             "--upstream", emulator.url + "/v1/openai", "--db", settings.db, "--log-level", "warning"
         ).start()
-        floor_port = free_port()
-        floor = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.floor",
-                "--port",
-                str(floor_port),
-                "--upstream",
-                emulator.url + "/v1/openai",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         try:
-            floor_url = f"http://127.0.0.1:{floor_port}"
-            for _ in range(100):
-                try:
-                    httpx.get(floor_url + "/v1/models", timeout=1)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
+            floors = {}
+            for transport in TRANSPORTS:
+                proc, url = _start_floor(emulator.url, transport)
+                procs.append(proc)
+                floors[f"floor-{transport}"] = url
             assert gateway.proc is not None
             result["rss_mb_at_rest"] = rss_mb(gateway.proc.pid)
-            targets = {
+            targets: dict[str, tuple[str, dict[str, str]]] = {
                 "direct": (emulator.url, {}),
-                "floor": (floor_url, {}),
+                **{name: (url, {}) for name, url in floors.items()},
                 "gateway": (gateway.url, {"Authorization": f"Bearer {key}"}),
             }
+            if args.litellm:
+                from bench.litellm import start_litellm
+
+                print("LiteLLM: installing into its own virtualenv and starting ...", flush=True)
+                proc, url, master = start_litellm(emulator.url + "/v1/openai", Path(tmp))
+                procs.append(proc)
+                targets["litellm"] = (url, {"Authorization": f"Bearer {master}"})
+                result["litellm_version"] = _litellm_version()
             seed = {
                 "model": SEED_MODEL,
                 "messages": SEED_MESSAGES,
@@ -146,31 +189,52 @@ def main() -> int:
                 result["sequential"][name] = sequential(targets, body, args.requests)
                 for target, figures in result["sequential"][name].items():
                     print(
-                        f"  {target:>8}: p50 {figures['p50_ms']:.3f} ms, p99 {figures['p99_ms']:.3f} ms",
+                        f"  {target:>13}: p50 {figures['p50_ms']:.3f} ms, p99 {figures['p99_ms']:.3f} ms",
                         flush=True,
                     )
             result["sweep"] = {}
-            for connections in (1, 8, 32, 128):
+            peak = result["rss_mb_at_rest"]
+            for connections in CONNECTIONS:
                 for target, (url, headers) in targets.items():
                     figures = wrk(
                         url, headers.get("Authorization", "Bearer x").split()[-1], args.seconds, connections
                     )
+                    if target == "gateway":
+                        peak = max(peak, rss_mb(gateway.proc.pid))
                     result["sweep"][f"{target}@{connections}"] = figures
                     print(
-                        f"sweep {connections:>3} connections, {target:>8}: "
+                        f"sweep {connections:>3} connections, {target:>13}: "
                         f"{figures['throughput_rps']:7.0f} req/s, p99 {figures['p99_ms']:.2f} ms",
                         flush=True,
                     )
-            result["rss_mb_after_load"] = rss_mb(gateway.proc.pid)
+            result["rss_mb_after_load"] = max(peak, rss_mb(gateway.proc.pid))
         finally:
-            floor.terminate()
-            floor.wait(timeout=10)
+            for proc in procs:
+                proc.terminate()
+                proc.wait(timeout=15)
             gateway.stop()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "overhead.json").write_text(json.dumps(result, indent=2))
+    md = report(result)
+    (out / "overhead.md").write_text(md)
+    print(md)
+    return 0
+
+
+def _litellm_version() -> str:
+    from bench.litellm import version
+
+    return version()
+
+
+def report(result: dict[str, Any]) -> str:
+    floors = [f"floor-{t}" for t in TRANSPORTS]
     md = [
         "# Gateway overhead",
+        "",
+        f"Python {result['python']}, {result.get('cpus')} CPUs. Added = the target's p50 (p99) minus the",
+        "backend's alone; the gateway's margin is measured against each floor.",
         "",
         "| request | target | p50 ms | p99 ms | added p50 ms | added p99 ms |",
         "|---|---|---:|---:|---:|---:|",
@@ -181,25 +245,40 @@ def main() -> int:
                 f"| {name} | {target} | {f['p50_ms']:.3f} | {f['p99_ms']:.3f} "
                 f"| {f.get('added_p50_ms', 0):.3f} | {f.get('added_p99_ms', 0):.3f} |"
             )
+        g = figures["gateway"]
+        for floor in floors:
+            md.append(
+                f"| {name} | gateway - {floor} | | | {g['p50_ms'] - figures[floor]['p50_ms']:.3f} "
+                f"| {g['p99_ms'] - figures[floor]['p99_ms']:.3f} |"
+            )
+    targets = [t.split("@")[0] for t in result["sweep"] if t.endswith(f"@{CONNECTIONS[0]}")]
     md += [
         "",
-        "| connections | direct req/s | floor req/s | gateway req/s | gateway / floor | gateway p99 ms |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| connections | "
+        + " | ".join(f"{t} req/s" for t in targets)
+        + " | gateway p99 ms | "
+        + " | ".join(f"gateway / {t}" for t in targets if t not in ("direct", "gateway"))
+        + " |",
+        "|---:|" + "---:|" * (len(targets) + 1 + len([t for t in targets if t not in ("direct", "gateway")])),
     ]
-    for c in (1, 8, 32, 128):
-        d, f, g = (result["sweep"][f"{t}@{c}"] for t in ("direct", "floor", "gateway"))
+    for c in CONNECTIONS:
+        rps = {t: result["sweep"][f"{t}@{c}"]["throughput_rps"] for t in targets}
+        ratios = [rps["gateway"] / rps[t] for t in targets if t not in ("direct", "gateway")]
         md.append(
-            f"| {c} | {d['throughput_rps']:.0f} | {f['throughput_rps']:.0f} | {g['throughput_rps']:.0f} "
-            f"| {g['throughput_rps'] / f['throughput_rps']:.2f} | {g['p99_ms']:.2f} |"
+            f"| {c} | "
+            + " | ".join(f"{rps[t]:.0f}" for t in targets)
+            + f" | {result['sweep'][f'gateway@{c}']['p99_ms']:.2f} | "
+            + " | ".join(f"{r:.2f}" for r in ratios)
+            + " |"
         )
     md += [
         "",
         f"Gateway RSS: {result['rss_mb_at_rest']:.1f} MB at rest, "
-        f"{result['rss_mb_after_load']:.1f} MB after load.",
+        f"{result['rss_mb_after_load']:.1f} MB at most under load.",
     ]
-    (out / "overhead.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
-    return 0
+    if "litellm_version" in result:
+        md.append(f"LiteLLM: {result['litellm_version']}.")
+    return "\n".join(md) + "\n"
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ replicas can never both take the last tokens of a budget. Keys (``prefix`` defau
 - ``{p}{key}:day:{YYYY-MM-DD}`` settled tokens of the UTC day, expiring a day after it ends;
 - ``{p}{key}:month:{YYYY-MM}`` hash of settled tokens and spend, expiring after the month;
 - ``{p}{key}:rpm`` / ``{p}{key}:tpm`` sorted sets of request starts and settled tokens in the
-  sliding minute, trimmed on use and expiring a minute after the last write;
+  sliding minute, trimmed on use and expiring a minute after the last write, and
+  ``{p}{key}:tpm_sum`` the running sum of the tpm set (so no script scans the whole minute);
+- ``{p}gone:{reservation}`` a short-lived tombstone of a reservation released after its reserve's
+  answer was lost, which the reserve (if it arrives late) respects;
 - ``{p}{key}:live`` hash of reserved tokens, spend and requests in flight;
 - ``{p}res:{instance}`` the reservations each replica holds, and ``{p}alive:{instance}`` its
   heartbeat. When a replica dies its heartbeat expires and any other replica releases its
@@ -65,10 +68,22 @@ local tokens, spend = tonumber(ARGV[2]), tonumber(ARGV[3])
 local lim = {}
 for i = 1, 6 do lim[i] = tonumber(ARGV[5 + i]) end
 local day_reset, month_reset = tonumber(ARGV[12]), tonumber(ARGV[13])
-if redis.call('EXISTS', KEYS[7]) == 1 then return {'released'} end
+if redis.call('EXISTS', KEYS[8]) == 1 then return {'released'} end
 local horizon = now - 60
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', horizon)
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', horizon)
+-- The sliding minute's settled tokens: a running sum beside the set, less what expires
+-- (each settlement is added and removed once: no scan of the whole minute per request).
+local function trim_tpm(z, sum, horizon)
+  local old = redis.call('ZRANGEBYSCORE', z, '-inf', horizon)
+  if #old > 0 then
+    local gone = 0
+    for i = 1, #old do gone = gone + tonumber(string.match(old[i], ':(%d+)$')) end
+    redis.call('ZREMRANGEBYSCORE', z, '-inf', horizon)
+    if redis.call('EXISTS', sum) == 1 then redis.call('DECRBY', sum, gone) end
+  end
+  return math.max(0, tonumber(redis.call('GET', sum) or 0))
+end
+local minute = trim_tpm(KEYS[5], KEYS[7], horizon)
 local live = redis.call('HMGET', KEYS[3], 'tokens', 'spend', 'n')
 local rtok, rsp, n = tonumber(live[1] or 0), tonumber(live[2] or 0), tonumber(live[3] or 0)
 if lim[1] >= 0 and n + 1 > lim[1] then
@@ -92,18 +107,19 @@ local function check(name, limit, used, reserved, wanted, wait)
   return nil
 end
 if lim[3] >= 0 then
-  local entries = redis.call('ZRANGE', KEYS[5], 0, -1, 'WITHSCORES')
-  local minute = 0
-  for i = 1, #entries, 2 do
-    minute = minute + tonumber(string.match(entries[i], ':(%d+)$'))
-  end
   local r = check('tpm', lim[3], minute, rtok, tokens, function(used)
+    -- Only on refusal: walk the oldest settlements until enough of the minute has expired.
     local excess = used + rtok + tokens - lim[3]
-    for i = 1, #entries, 2 do
-      excess = excess - tonumber(string.match(entries[i], ':(%d+)$'))
-      if excess <= 0 then return tonumber(entries[i + 1]) + 60 - now end
+    local start = 0
+    while true do
+      local chunk = redis.call('ZRANGE', KEYS[5], start, start + 63, 'WITHSCORES')
+      if #chunk == 0 then return 60 end
+      for i = 1, #chunk, 2 do
+        excess = excess - tonumber(string.match(chunk[i], ':(%d+)$'))
+        if excess <= 0 then return tonumber(chunk[i + 1]) + 60 - now end
+      end
+      start = start + 64
     end
-    return 60
   end)
   if r then return r end
 end
@@ -129,7 +145,7 @@ _SETTLE = """
 if redis.call('HDEL', KEYS[5], ARGV[1]) == 0 then
   -- Not reserved (yet): a release after a failed reserve leaves a tombstone, so that a reserve
   -- still on its way cannot take what no one will ever settle.
-  if ARGV[9] == '1' then redis.call('SET', KEYS[6], '1', 'EX', 600) end
+  if ARGV[9] == '1' then redis.call('SET', KEYS[7], '1', 'EX', 600) end
   return 0
 end
 local rtok, rsp = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -142,7 +158,10 @@ if used > 0 then
   redis.call('EXPIREAT', KEYS[1], ARGV[7])
   redis.call('HINCRBY', KEYS[2], 'tokens', used)
   redis.call('ZADD', KEYS[4], now, ARGV[1] .. ':' .. used)
+  redis.call('INCRBY', KEYS[6], used)
+  -- The set and its sum expire together: an expired minute is an empty one.
   redis.call('PEXPIRE', KEYS[4], 61000)
+  redis.call('PEXPIRE', KEYS[6], 61000)
 end
 if spend > 0 then redis.call('HINCRBY', KEYS[2], 'spend', spend) end
 if used > 0 or spend > 0 then redis.call('EXPIREAT', KEYS[2], ARGV[8]) end
@@ -153,13 +172,23 @@ _WINDOWS = """
 local function d(x) return string.format('%d', x) end
 local now = tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 60)
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - 60)
+-- The sliding minute's settled tokens: a running sum beside the set, less what expires
+-- (each settlement is added and removed once: no scan of the whole minute per request).
+local function trim_tpm(z, sum, horizon)
+  local old = redis.call('ZRANGEBYSCORE', z, '-inf', horizon)
+  if #old > 0 then
+    local gone = 0
+    for i = 1, #old do gone = gone + tonumber(string.match(old[i], ':(%d+)$')) end
+    redis.call('ZREMRANGEBYSCORE', z, '-inf', horizon)
+    if redis.call('EXISTS', sum) == 1 then redis.call('DECRBY', sum, gone) end
+  end
+  return math.max(0, tonumber(redis.call('GET', sum) or 0))
+end
+local minute = trim_tpm(KEYS[5], KEYS[7], now - 60)
 local live = redis.call('HMGET', KEYS[3], 'tokens', 'spend', 'n')
 local month = redis.call('HMGET', KEYS[2], 'tokens', 'spend')
 local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
-local entries = redis.call('ZRANGE', KEYS[5], 0, -1, 'WITHSCORES')
-local minute = 0
-for i = 1, #entries, 2 do minute = minute + tonumber(string.match(entries[i], ':(%d+)$')) end
+local entries = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
 return {
   redis.call('GET', KEYS[1]) or '0', month[1] or '0', month[2] or '0',
   live[1] or '0', live[2] or '0', live[3] or '0',
@@ -377,6 +406,7 @@ class RedisQuota:
             base + "rpm",
             base + "tpm",
             self._k("res:" + self.instance),
+            base + "tpm_sum",
         ]
 
     async def _apply(

@@ -63,6 +63,9 @@ class Settings:
     pool_timeout: float = 30.0
     max_connections: int = 512
     max_keepalive_connections: int = 128
+    # The connection pool under the upstream client: "aiohttp" (fast, the default) or "httpx"
+    # (httpx's own httpcore pool).
+    upstream_transport: str = "aiohttp"
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Latency the embedded demo emulator adds per answer (only used without upstream_url).
     emulator_latency: float = 0.0

@@ -22,6 +22,18 @@ V3 = "mistralai/Mistral-7B-Instruct-v0.3"
 LIMITS = {"tokens_per_day": 100_000, "max_concurrent": 5}
 
 
+@pytest.fixture(params=["aiohttp", "httpx"])
+def make_settings(
+    make_settings: Callable[..., Settings], request: pytest.FixtureRequest
+) -> Callable[..., Settings]:
+    """Every fault on both upstream transports: each must map it to the same answer."""
+
+    def make(**overrides: Any) -> Settings:
+        return make_settings(**{"upstream_transport": request.param, **overrides})
+
+    return make
+
+
 def _key(settings: Settings) -> str:
     return KeyStore(open_db(settings.db), load_key_secret(settings)).create("acme", limits=LIMITS)[1]
 

@@ -1,0 +1,149 @@
+"""The aiohttp transport under httpx's API, against raw loopback servers that misbehave on cue."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import httpx
+import pytest
+
+from gateway.settings import ConfigError, Settings
+from gateway.upstream import AiohttpTransport, build_client, make_transport
+from tests.servers import free_port
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head, await reader.readexactly(length)
+
+
+async def _with_server(handler: Handler, body: Callable[[str], Awaitable[None]]) -> None:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        await body(f"http://127.0.0.1:{port}")
+    finally:
+        server.close()
+
+
+def _client(**timeouts: float) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=AiohttpTransport(max_connections=8, keepalive_expiry=4.0),
+        timeout=httpx.Timeout(**{"timeout": 5.0, **timeouts}),
+    )
+
+
+def test_forwards_the_request_exactly_and_keeps_every_response_header() -> None:
+    seen: list[tuple[bytes, bytes]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await _read_request(reader))
+        writer.write(
+            b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\nx-a: 1\r\nx-a: 2\r\n"
+            b'content-length: 11\r\n\r\n{"ok": true}'[:-1]
+        )
+        await writer.drain()
+        writer.close()
+
+    async def body(url: str) -> None:
+        async with _client() as client:
+            response = await client.post(
+                url + "/v1/x?q=1", content=b'{"a": "\xc3\xa9"}', headers={"authorization": "Bearer k"}
+            )
+            assert response.status_code == 201
+            assert response.headers.get_list("x-a") == ["1", "2"]
+            assert response.content == b'{"ok": true'
+
+    asyncio.run(_with_server(handler, body))
+    ((head, sent),) = seen
+    assert head.startswith(b"POST /v1/x?q=1 HTTP/1.1\r\n")
+    assert b"\r\nauthorization: Bearer k\r\n" in head
+    assert sent == b'{"a": "\xc3\xa9"}'
+
+
+def test_a_stream_arrives_as_it_is_written() -> None:
+    """The first event must reach the caller while the backend still holds the rest."""
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n")
+        writer.write(b"transfer-encoding: chunked\r\n\r\n")
+        writer.write(b"7\r\ndata: 1\r\n")
+        await writer.drain()
+        await release.wait()
+        writer.write(b"7\r\ndata: 2\r\n0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def body(url: str) -> None:
+        async with _client() as client, client.stream("POST", url, content=b"{}") as response:
+            chunks = response.aiter_bytes()
+            assert await asyncio.wait_for(chunks.__anext__(), 2) == b"data: 1"
+            release.set()
+            assert b"".join([c async for c in chunks]) == b"data: 2"
+
+    asyncio.run(_with_server(handler, body))
+
+
+def test_refused_connection_is_a_connect_error() -> None:
+    """Only a ConnectError means nothing reached the backend (the proxy retries only that)."""
+
+    async def run() -> None:
+        async with _client() as client:
+            with pytest.raises(httpx.ConnectError):
+                await client.post(f"http://127.0.0.1:{free_port()}/v1/x", content=b"{}")
+
+    asyncio.run(run())
+
+
+def test_silent_backend_is_a_read_timeout() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        await asyncio.sleep(3)
+
+    async def body(url: str) -> None:
+        async with _client(read=0.3) as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post(url, content=b"{}")
+
+    asyncio.run(_with_server(handler, body))
+
+
+@pytest.mark.parametrize("when", ["before_answer", "mid_body"])
+def test_a_backend_that_hangs_up_is_never_a_connect_error(when: str) -> None:
+    """The request was delivered: retrying it could serve (and bill) it twice."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        if when == "mid_body":
+            writer.write(b'HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{"partial')
+            await writer.drain()
+        writer.close()
+
+    async def body(url: str) -> None:
+        async with _client() as client:
+            with pytest.raises(httpx.TransportError) as exc:
+                await client.post(url, content=b"{}")
+            assert not isinstance(exc.value, httpx.ConnectError)
+
+    asyncio.run(_with_server(handler, body))
+
+
+def test_the_transport_is_a_setting() -> None:
+    settings = Settings(upstream_url="http://x", upstream_transport="httpx")
+    assert make_transport("httpx") is None
+    assert isinstance(make_transport("aiohttp"), AiohttpTransport)
+    client = build_client(Settings(upstream_url="http://x"))
+    assert isinstance(client._transport, AiohttpTransport)
+    asyncio.run(client.aclose())
+    asyncio.run(build_client(settings).aclose())
+    with pytest.raises(ConfigError, match="upstream_transport"):
+        make_transport("curl")
