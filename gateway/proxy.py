@@ -84,6 +84,11 @@ class Proxy:
         self.emulate_tool_streams = emulate_tool_streams
         self.rules = rules or ChatRules()
         self.client = client
+        # The hot path hands requests straight to the client's transport: httpx's client layer
+        # (cookie jar, auth and redirect flows, header merging) costs a sixth of a request's CPU
+        # and a transparent proxy needs none of it. Timeouts still come from the client.
+        self._transport: httpx.AsyncBaseTransport = client._transport
+        self._timeout = client.timeout.as_dict()
         self.metrics = metrics
         self.quota = quota
         self.prices = prices
@@ -187,8 +192,12 @@ class Proxy:
         path = self.base + spec.upstream_path.format(**scope.get("path_params", {}))
         query = scope.get("query_string", b"")
         url = path + "?" + query.decode("latin-1") if query else path
-        upstream_request = self.client.build_request(
-            method, url, headers=request_headers(scope["headers"], self.api_key), content=body or None
+        upstream_request = httpx.Request(
+            method,
+            url,
+            headers=request_headers(scope["headers"], self.api_key),
+            content=body or None,
+            extensions={"timeout": self._timeout},
         )
         settlement = Settlement(request_id, status=0, reserved_tokens=demand.tokens if reservation else None)
         counting: asyncio.Task[Accounting | None] | None = None
@@ -335,7 +344,7 @@ class Proxy:
     async def _send(self, request: httpx.Request, settlement: Settlement) -> httpx.Response:
         for attempt in range(CONNECT_RETRIES + 1):
             try:
-                return await self.client.send(request, stream=True)
+                return await self._transport.handle_async_request(request)
             except httpx.ConnectError as exc:
                 # Nothing reached the backend: the one failure that is always safe to retry.
                 if attempt == CONNECT_RETRIES:
