@@ -12,6 +12,7 @@ do not fsync one by one. A power cut may lose the last commits; a SIGKILL loses 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -185,36 +186,35 @@ SQLITE = Dialect(
 )
 
 
-class Database:
+class Database(abc.ABC):
     """What the gateway needs of a database connection, on either engine."""
 
     dialect: Dialect
     target: str
 
+    @abc.abstractmethod
     def execute(self, sql: str, params: Params = ()) -> Any:
         """Run one statement (autocommit unless inside :meth:`transaction`); a DB-API cursor."""
-        raise NotImplementedError
 
     def query(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
         cursor = self.execute(sql, params)
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        raise NotImplementedError
-        yield
+    @abc.abstractmethod
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        """Everything inside commits together, or not at all."""
 
     async def afetchone(self, sql: str, params: Params = ()) -> tuple[Any, ...] | None:
         """One row, for the request path: never blocks the event loop for a network round trip."""
         row = self.execute(sql, params).fetchone()
         return None if row is None else tuple(row)
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - only engines with a read pool have one to close
         """Release what :meth:`afetchone` opened."""
 
-    def close(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def close(self) -> None: ...
 
 
 class SQLiteDatabase(Database):

@@ -31,6 +31,7 @@ __all__ = [
     "WindowState",
     "ledger_totals",
     "reject",
+    "window_states",
 ]
 
 MINUTE = 60.0
@@ -188,46 +189,20 @@ class LocalQuota:
 
     def windows_now(self, key_id: int, limits: Limits, now: float) -> list[WindowState]:
         state = self._state(key_id, now)
-        out = []
-        if limits.rpm is not None:
-            reset = state.requests[0] + MINUTE if state.requests else now
-            out.append(WindowState("rpm", limits.rpm, len(state.requests), 0, reset))
-        if limits.tpm is not None:
-            reset = state.tokens[0][0] + MINUTE if state.tokens else now
-            out.append(WindowState("tpm", limits.tpm, state.minute_tokens, state.reserved_tokens, reset))
-        if limits.tokens_per_day is not None:
-            out.append(
-                WindowState(
-                    "tokens_per_day",
-                    limits.tokens_per_day,
-                    state.day_tokens,
-                    state.reserved_tokens,
-                    _day_start(now) + 86400,
-                )
-            )
-        if limits.tokens_per_month is not None:
-            out.append(
-                WindowState(
-                    "tokens_per_month",
-                    limits.tokens_per_month,
-                    state.month_tokens,
-                    state.reserved_tokens,
-                    _next_month_start(now),
-                )
-            )
-        if limits.spend_per_month is not None:
-            out.append(
-                WindowState(
-                    "spend_per_month",
-                    limits.spend_per_month,
-                    state.month_spend,
-                    state.reserved_spend,
-                    _next_month_start(now),
-                )
-            )
-        if limits.max_concurrent is not None:
-            out.append(WindowState("max_concurrent", limits.max_concurrent, state.in_flight, 0, now))
-        return out
+        return window_states(
+            limits,
+            now,
+            requests=len(state.requests),
+            first_request=state.requests[0] if state.requests else None,
+            minute_tokens=state.minute_tokens,
+            first_tokens=state.tokens[0][0] if state.tokens else None,
+            day_tokens=state.day_tokens,
+            month_tokens=state.month_tokens,
+            month_spend=state.month_spend,
+            reserved_tokens=state.reserved_tokens,
+            reserved_spend=state.reserved_spend,
+            in_flight=state.in_flight,
+        )
 
     def outstanding(self) -> tuple[int, int]:
         """(in-flight requests, reserved tokens) over all keys: both 0 when idle, or a leak."""
@@ -387,3 +362,42 @@ def _next_month_start(now: float) -> float:
     d = _utc(now)
     year, month = (d.year + 1, 1) if d.month == 12 else (d.year, d.month + 1)
     return calendar.timegm((year, month, 1, 0, 0, 0))
+
+
+def window_states(
+    limits: Limits,
+    now: float,
+    *,
+    requests: int,
+    first_request: float | None,
+    minute_tokens: int,
+    first_tokens: float | None,
+    day_tokens: int,
+    month_tokens: int,
+    month_spend: int,
+    reserved_tokens: int,
+    reserved_spend: int,
+    in_flight: int,
+) -> list[WindowState]:
+    """The key's windows for /v1/limits and the rate-limit headers, from either store's figures."""
+    out = []
+    if limits.rpm is not None:
+        reset = first_request + MINUTE if first_request is not None else now
+        out.append(WindowState("rpm", limits.rpm, requests, 0, reset))
+    if limits.tpm is not None:
+        reset = first_tokens + MINUTE if first_tokens is not None else now
+        out.append(WindowState("tpm", limits.tpm, minute_tokens, reserved_tokens, reset))
+    day_end, month_end = _day_start(now) + 86400, _next_month_start(now)
+    if limits.tokens_per_day is not None:
+        out.append(WindowState("tokens_per_day", limits.tokens_per_day, day_tokens, reserved_tokens, day_end))
+    if limits.tokens_per_month is not None:
+        out.append(
+            WindowState("tokens_per_month", limits.tokens_per_month, month_tokens, reserved_tokens, month_end)
+        )
+    if limits.spend_per_month is not None:
+        out.append(
+            WindowState("spend_per_month", limits.spend_per_month, month_spend, reserved_spend, month_end)
+        )
+    if limits.max_concurrent is not None:
+        out.append(WindowState("max_concurrent", limits.max_concurrent, in_flight, 0, now))
+    return out

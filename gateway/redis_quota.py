@@ -35,7 +35,6 @@ from typing import Any
 from gateway.errors import QuotaStoreUnavailable
 from gateway.limits import Limits
 from gateway.quota import (
-    MINUTE,
     Demand,
     Rejection,
     Reservation,
@@ -45,6 +44,7 @@ from gateway.quota import (
     _month,
     _next_month_start,
     reject,
+    window_states,
 )
 
 try:
@@ -60,19 +60,9 @@ log = logging.getLogger("gateway.quota")
 _NONE = -1  # "no limit" in the scripts' arguments
 _KEEP = 86400  # counters outlive their period by a day (late settlements, /v1/limits)
 
-_RESERVE = """
-local function d(x) return string.format('%d', x) end
-local function f(x) return string.format('%.3f', x) end
-local now = tonumber(ARGV[1])
-local tokens, spend = tonumber(ARGV[2]), tonumber(ARGV[3])
-local lim = {}
-for i = 1, 6 do lim[i] = tonumber(ARGV[5 + i]) end
-local day_reset, month_reset = tonumber(ARGV[12]), tonumber(ARGV[13])
-if redis.call('EXISTS', KEYS[8]) == 1 then return {'released'} end
-local horizon = now - 60
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', horizon)
--- The sliding minute's settled tokens: a running sum beside the set, less what expires
--- (each settlement is added and removed once: no scan of the whole minute per request).
+# The sliding minute's settled tokens: a running sum beside the set, less what expires (each
+# settlement is added and removed once: no script scans the whole minute per request).
+_TRIM_TPM = """
 local function trim_tpm(z, sum, horizon)
   local old = redis.call('ZRANGEBYSCORE', z, '-inf', horizon)
   if #old > 0 then
@@ -83,6 +73,21 @@ local function trim_tpm(z, sum, horizon)
   end
   return math.max(0, tonumber(redis.call('GET', sum) or 0))
 end
+"""
+
+_RESERVE = (
+    _TRIM_TPM
+    + """
+local function d(x) return string.format('%d', x) end
+local function f(x) return string.format('%.3f', x) end
+local now = tonumber(ARGV[1])
+local tokens, spend = tonumber(ARGV[2]), tonumber(ARGV[3])
+local lim = {}
+for i = 1, 6 do lim[i] = tonumber(ARGV[5 + i]) end
+local day_reset, month_reset = tonumber(ARGV[12]), tonumber(ARGV[13])
+if redis.call('EXISTS', KEYS[8]) == 1 then return {'released'} end
+local horizon = now - 60
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', horizon)
 local minute = trim_tpm(KEYS[5], KEYS[7], horizon)
 local live = redis.call('HMGET', KEYS[3], 'tokens', 'spend', 'n')
 local rtok, rsp, n = tonumber(live[1] or 0), tonumber(live[2] or 0), tonumber(live[3] or 0)
@@ -140,6 +145,7 @@ redis.call('PEXPIRE', KEYS[4], 61000)
 redis.call('HSET', KEYS[6], ARGV[4], ARGV[5])
 return {'ok'}
 """
+)
 
 _SETTLE = """
 if redis.call('HDEL', KEYS[5], ARGV[1]) == 0 then
@@ -168,22 +174,12 @@ if used > 0 or spend > 0 then redis.call('EXPIREAT', KEYS[2], ARGV[8]) end
 return 1
 """
 
-_WINDOWS = """
+_WINDOWS = (
+    _TRIM_TPM
+    + """
 local function d(x) return string.format('%d', x) end
 local now = tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 60)
--- The sliding minute's settled tokens: a running sum beside the set, less what expires
--- (each settlement is added and removed once: no scan of the whole minute per request).
-local function trim_tpm(z, sum, horizon)
-  local old = redis.call('ZRANGEBYSCORE', z, '-inf', horizon)
-  if #old > 0 then
-    local gone = 0
-    for i = 1, #old do gone = gone + tonumber(string.match(old[i], ':(%d+)$')) end
-    redis.call('ZREMRANGEBYSCORE', z, '-inf', horizon)
-    if redis.call('EXISTS', sum) == 1 then redis.call('DECRBY', sum, gone) end
-  end
-  return math.max(0, tonumber(redis.call('GET', sum) or 0))
-end
 local minute = trim_tpm(KEYS[5], KEYS[7], now - 60)
 local live = redis.call('HMGET', KEYS[3], 'tokens', 'spend', 'n')
 local month = redis.call('HMGET', KEYS[2], 'tokens', 'spend')
@@ -196,6 +192,7 @@ return {
   d(minute), entries[2] or '-1',
 }
 """
+)
 
 # Scripts must not fail half-way (Redis keeps the writes before an error): HINCRBY refuses "-0",
 # so zero amounts are skipped rather than negated.
@@ -347,42 +344,20 @@ class RedisQuota:
         (day_used, month_tokens, month_spend, rtok, rsp, n, rpm_count, rpm_first, minute, tpm_first) = (
             float(x) for x in raw
         )
-        out = []
-        if limits.rpm is not None:
-            reset = rpm_first + MINUTE if rpm_first >= 0 else now
-            out.append(WindowState("rpm", limits.rpm, int(rpm_count), 0, reset))
-        if limits.tpm is not None:
-            reset = tpm_first + MINUTE if tpm_first >= 0 else now
-            out.append(WindowState("tpm", limits.tpm, int(minute), int(rtok), reset))
-        if limits.tokens_per_day is not None:
-            out.append(
-                WindowState(
-                    "tokens_per_day", limits.tokens_per_day, int(day_used), int(rtok), _day_start(now) + 86400
-                )
-            )
-        if limits.tokens_per_month is not None:
-            out.append(
-                WindowState(
-                    "tokens_per_month",
-                    limits.tokens_per_month,
-                    int(month_tokens),
-                    int(rtok),
-                    _next_month_start(now),
-                )
-            )
-        if limits.spend_per_month is not None:
-            out.append(
-                WindowState(
-                    "spend_per_month",
-                    limits.spend_per_month,
-                    int(month_spend),
-                    int(rsp),
-                    _next_month_start(now),
-                )
-            )
-        if limits.max_concurrent is not None:
-            out.append(WindowState("max_concurrent", limits.max_concurrent, int(n), 0, now))
-        return out
+        return window_states(
+            limits,
+            now,
+            requests=int(rpm_count),
+            first_request=rpm_first if rpm_first >= 0 else None,
+            minute_tokens=int(minute),
+            first_tokens=tpm_first if tpm_first >= 0 else None,
+            day_tokens=int(day_used),
+            month_tokens=int(month_tokens),
+            month_spend=int(month_spend),
+            reserved_tokens=int(rtok),
+            reserved_spend=int(rsp),
+            in_flight=int(n),
+        )
 
     async def outstanding_async(self) -> tuple[int, int]:
         """(in-flight requests, reserved tokens) over all keys, as Redis has them."""

@@ -95,10 +95,9 @@ def test_secret_file_is_created_once_with_owner_only_mode(tmp_path: Path) -> Non
     assert load_key_secret(Settings(db=settings.db, key_secret="explicit")) == b"explicit"
 
 
+@pytest.mark.parametrize("engine", ["postgresql"])  # SQLite: the file test above
 def test_replicas_share_one_secret_on_postgresql(engine: str, db_path: str) -> None:
     """Every replica (and the CLI on any host) must hash keys alike without a shared file."""
-    if engine != "postgresql":
-        pytest.skip("SQLite keeps the secret in a file beside the database")
     first = load_key_secret(Settings(db=db_path))
     second = load_key_secret(Settings(db=db_path))
     assert first == second and len(first) == 64
