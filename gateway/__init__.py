@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
-    from starlette.applications import Starlette
+    from starlette.types import ASGIApp
 
 __all__ = ["Settings", "create_app"]
 __version__ = "0.1.0"
 
 
-def create_app(settings: Settings, **kwargs: Any) -> Starlette:
+def create_app(settings: Settings, **kwargs: Any) -> ASGIApp:
     """Build the gateway's ASGI app (see :func:`gateway.app.create_app`)."""
     from gateway.app import create_app as _create_app
 

@@ -1,4 +1,5 @@
-"""``create_app(settings)``: the gateway as one Starlette application.
+"""``create_app(settings)``: the gateway as one ASGI application (Starlette, with the proxied
+routes dispatched ahead of it by :class:`FastRoutes`).
 
 Nothing happens at import time. The lifespan owns the per-process resources: the shared
 httpx client, the ledger's writer, the key store's read connection and, with Redis, the quota
@@ -24,15 +25,18 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from gateway import openapi
 from gateway.accounting.accountant import Accountant
 from gateway.accounting.registry import Registry, RegistryError
 from gateway.admin_api import AdminAPI, AdminAuthMiddleware
 from gateway.auth import AuthMiddleware
+from gateway.config_version import ConfigVersion
 from gateway.count_tokens import CountTokens
 from gateway.db import open_db
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound, error_body
+from gateway.fast_routes import FastRoutes
 from gateway.keys import KeyStore, Principal, load_key_secret
 from gateway.ledger import Ledger
 from gateway.limits_api import LimitsAPI
@@ -103,7 +107,7 @@ def create_app(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     registry: CollectorRegistry | None = None,
-) -> Starlette:
+) -> ASGIApp:
     """Build the gateway. ``transport`` replaces the network in unit tests (httpx.MockTransport);
     ``registry`` receives the Prometheus metrics (a fresh one per app by default)."""
     if not settings.upstream_url:
@@ -150,8 +154,9 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         db = open_db(settings.db)
-        holder.keys = KeyStore(db, load_key_secret(settings))
-        holder.prices = PriceBook(db)
+        version = ConfigVersion(db) if db.dialect.name == "sqlite" else None
+        holder.keys = KeyStore(db, load_key_secret(settings), version=version)
+        holder.prices = PriceBook(db, version=version)
         recovered = ledger.recover(holder.recovery_cost)
         if isinstance(quota, LocalQuota):
             quota.load(db, time.time())
@@ -204,7 +209,12 @@ def create_app(
     )
     app.add_middleware(AuthMiddleware, authenticate=holder.authenticate)
     app.add_middleware(AdminAuthMiddleware, token=settings.admin_token, authenticate=holder.authenticate)
-    return app
+    fast: dict[tuple[str, str], ASGIApp] = {
+        (method, path): AuthMiddleware(proxy.endpoint(spec), authenticate=holder.authenticate)
+        for path, spec, method in PROXY_ROUTES
+        if "{" not in path
+    }
+    return FastRoutes(app, routes=fast)
 
 
 def _quota_store(settings: Settings, metrics: Metrics, instance: str) -> LocalQuota | RedisQuota:

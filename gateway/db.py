@@ -141,6 +141,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE requests ADD COLUMN owner TEXT",
         "CREATE TABLE replicas (instance TEXT PRIMARY KEY, seen_at REAL NOT NULL)",
     ),
+    (
+        # A counter every change to keys, plans or prices bumps, whoever makes it (the gateway,
+        # the CLI, plain SQL): the request path caches keys and prices for as long as it holds.
+        "CREATE TABLE config_version (id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL)",
+        "INSERT INTO config_version VALUES (1, 0)",
+        *(
+            f"CREATE TRIGGER {table}_{op.lower()}_bumps AFTER {op} ON {table} "
+            "BEGIN UPDATE config_version SET n = n + 1; END"
+            for table in ("keys", "plans", "prices")
+            for op in ("INSERT", "UPDATE", "DELETE")
+        ),
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -2,7 +2,9 @@
 
 A key is ``gw-`` followed by 43 URL-safe characters (256 random bits). The database keeps
 ``HMAC-SHA256(server_secret, key)``: a stolen database alone does not let anyone test guesses.
-Lookup is by that hash on an indexed column, so revocation applies from the next request.
+Lookup is by that hash on an indexed column; with a :class:`ConfigVersion` (SQLite) the
+principals found are cached for as long as no key, plan or price changes, so revocation still
+applies from the next request.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.config_version import ConfigVersion
 from gateway.db import Database, IntegrityError, is_postgres, open_db
 from gateway.limits import LIMIT_NAMES, MAX_VALUE, NO_LIMITS, Limits
 from gateway.settings import Settings
@@ -26,6 +29,9 @@ __all__ = ["KeyError_", "KeyInfo", "KeyStore", "Principal", "load_key_secret"]
 KEY_PREFIX = "gw-"
 _KEY_RE = re.compile(r"^gw-[A-Za-z0-9_-]{43}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+# Active keys only are cached (unknown ones would let anyone fill memory); past this many the
+# cache starts over.
+CACHE_SIZE = 10_000
 
 
 class KeyError_(Exception):
@@ -111,9 +117,11 @@ def _shared_secret(db: Database) -> bytes:
 
 
 class KeyStore:
-    def __init__(self, db: Database, secret: bytes) -> None:
+    def __init__(self, db: Database, secret: bytes, *, version: ConfigVersion | None = None) -> None:
         self._db = db
         self._secret = secret
+        self._version = version
+        self._cache: dict[str, tuple[int, Principal]] = {}
 
     def hash(self, key: str) -> str:
         return hmac.new(self._secret, key.encode(), hashlib.sha256).hexdigest()
@@ -203,13 +211,23 @@ class KeyStore:
         if not _KEY_RE.match(key):
             return None
         digest = self.hash(key)
-        # One indexed read per request: revocation, plan and limit changes apply at once, on
-        # every replica.
+        version = self._version.current() if self._version is not None else None
+        if version is not None:
+            hit = self._cache.get(digest)
+            if hit is not None and hit[0] == version:
+                return hit[1]
+        # The version is read before the row: a change landing in between leaves an entry
+        # tagged with the older version, which the next request re-reads.
         row = await self._db.afetchone(_AUTHENTICATE, [digest])
         if row is None or not hmac.compare_digest(row[-1], digest):
             return None
         info = _info(row[:-1])
-        return Principal(info.id, info.name, info.limits, info.plan)
+        principal = Principal(info.id, info.name, info.limits, info.plan)
+        if version is not None:
+            if len(self._cache) >= CACHE_SIZE:
+                self._cache.clear()
+            self._cache[digest] = (version, principal)
+        return principal
 
 
 _COLUMNS = ", ".join(

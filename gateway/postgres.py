@@ -123,6 +123,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE requests ADD COLUMN owner TEXT",
         "CREATE TABLE replicas (instance TEXT PRIMARY KEY, seen_at DOUBLE PRECISION NOT NULL)",
     ),
+    (
+        "CREATE TABLE config_version (id INTEGER PRIMARY KEY CHECK (id = 1), n BIGINT NOT NULL)",
+        "INSERT INTO config_version VALUES (1, 0)",
+        """CREATE FUNCTION bump_config_version() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN UPDATE config_version SET n = n + 1; RETURN NULL; END $$""",
+        *(
+            f"CREATE TRIGGER {table}_bumps AFTER INSERT OR UPDATE OR DELETE ON {table} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION bump_config_version()"
+            for table in ("keys", "plans", "prices")
+        ),
+    ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION, "PostgreSQL and SQLite schemas must keep the same versions"
 

@@ -11,10 +11,12 @@ it started, and its cost is stored on its ledger row, so a later change never re
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.config_version import ConfigVersion
 from gateway.db import Database, IntegrityError
 
 __all__ = ["DEFAULT_MODEL", "Price", "PriceBook", "PriceError"]
@@ -68,9 +70,20 @@ _AT = (
 )
 
 
+_HISTORY_OF = (
+    "SELECT input_per_m, tool_per_m, output_per_m, model, effective_from FROM prices "
+    "WHERE model IN (?, ?) ORDER BY effective_from"
+)
+# Model names come from requests: past this many cached the cache starts over.
+CACHE_SIZE = 10_000
+
+
 class PriceBook:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, version: ConfigVersion | None = None) -> None:
         self._db = db
+        self._version = version
+        # model -> (version, its prices, the default's prices), each sorted by effective_from
+        self._cache: dict[str, tuple[int, list[Price], list[Price]]] = {}
 
     def set(self, model: str, price: Price, effective_from: float | None = None) -> Price:
         when = time.time() if effective_from is None else effective_from
@@ -97,9 +110,25 @@ class PriceBook:
         return Price(*row) if row else FREE
 
     async def price_at(self, model: str | None, when: float) -> Price:
-        """:meth:`at` for the request path (no blocking round trip on PostgreSQL)."""
-        row = await self._db.afetchone(_AT, [model or DEFAULT_MODEL, DEFAULT_MODEL, when, DEFAULT_MODEL])
-        return Price(*row) if row else FREE
+        """:meth:`at` for the request path: cached while the config version holds, else one
+        read (never a blocking round trip on PostgreSQL)."""
+        name = model or DEFAULT_MODEL
+        if self._version is None:
+            row = await self._db.afetchone(_AT, [name, DEFAULT_MODEL, when, DEFAULT_MODEL])
+            return Price(*row) if row else FREE
+        version = self._version.current()
+        hit = self._cache.get(name)
+        if hit is None or hit[0] != version:
+            rows = [Price(*row) for row in self._db.execute(_HISTORY_OF, [name, DEFAULT_MODEL]).fetchall()]
+            hit = (
+                version,
+                [p for p in rows if p.model == name],
+                [p for p in rows if p.model == DEFAULT_MODEL],
+            )
+            if len(self._cache) >= CACHE_SIZE:
+                self._cache.clear()
+            self._cache[name] = hit
+        return _in_force(hit[1], when) or _in_force(hit[2], when) or FREE
 
     async def acurrent(self, when: float | None = None) -> list[Price]:
         """:meth:`current` off the event loop where the database is a network hop away."""
@@ -124,3 +153,9 @@ class PriceBook:
             "ORDER BY model, effective_from"
         ).fetchall()
         return [Price(*r) for r in rows]
+
+
+def _in_force(history: list[Price], when: float) -> Price | None:
+    """The latest of ``history`` (sorted by effective_from) in force at ``when``."""
+    i = bisect.bisect_right(history, when, key=lambda p: p.effective_from)
+    return history[i - 1] if i else None

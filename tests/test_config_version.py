@@ -1,0 +1,138 @@
+"""The configuration version, and the key and price caches it keeps exact."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from gateway.config_version import ConfigVersion
+from gateway.db import SQLiteDatabase, open_db
+from gateway.keys import KeyStore
+from gateway.limits import PlanStore
+from gateway.prices import DEFAULT_MODEL, Price, PriceBook
+from tests.conftest import ENGINES
+
+SECRET = b"test-secret"
+
+
+def _version(db: Any) -> int:
+    return int(db.execute("SELECT n FROM config_version").fetchone()[0])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_change_to_keys_plans_and_prices_bumps_the_version(db_path: str) -> None:
+    db = open_db(db_path)
+    keys, plans, prices = KeyStore(db, SECRET), PlanStore(db), PriceBook(db)
+    changes = [
+        lambda: plans.create("gold", {"rpm": 10}),
+        lambda: keys.create("acme", plan="gold"),
+        lambda: keys.update("acme", limits={"tpm": 5}),
+        lambda: plans.update("gold", {"rpm": 20}),
+        lambda: keys.rotate("acme"),
+        lambda: keys.revoke("acme"),
+        lambda: prices.set("m", Price(1, 2, 3), effective_from=10),
+        lambda: db.execute("UPDATE prices SET input_per_m = 5"),
+        lambda: db.execute("DELETE FROM prices"),
+        lambda: db.execute("DELETE FROM keys"),
+        lambda: plans.delete("gold"),
+    ]
+    seen = [_version(db)]
+    for change in changes:
+        change()
+        seen.append(_version(db))
+    assert all(after > before for before, after in itertools.pairwise(seen)), seen
+    # Reads and usage writes do not: the caches stay warm under traffic.
+    keys.list(), prices.current(), plans.list()
+    assert _version(db) == seen[-1]
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Any) -> Iterator[SQLiteDatabase]:
+    db = open_db(str(tmp_path / "gateway.db"))
+    assert isinstance(db, SQLiteDatabase)
+    yield db
+    db.close()
+
+
+class _Reads:
+    """The statements a connection runs (sqlite3's trace callback)."""
+
+    def __init__(self, db: SQLiteDatabase) -> None:
+        self.sql: list[str] = []
+        db.conn.set_trace_callback(self.sql.append)
+
+    def take(self) -> list[str]:
+        taken, self.sql[:] = list(self.sql), []
+        return taken
+
+
+def test_the_version_is_read_once_per_event_loop_iteration(sqlite_db: SQLiteDatabase) -> None:
+    version = ConfigVersion(sqlite_db)
+    reads = _Reads(sqlite_db)
+
+    async def scenario() -> list[int]:
+        counts = []
+        for _ in range(3):
+            version.current(), version.current(), version.current()
+            counts.append(len(reads.take()))
+            await asyncio.sleep(0)  # the next iteration reads again
+        return counts
+
+    assert asyncio.run(scenario()) == [1, 1, 1]
+
+
+def test_a_cached_key_follows_changes_made_by_another_process(
+    sqlite_db: SQLiteDatabase, tmp_path: Any
+) -> None:
+    store = KeyStore(sqlite_db, SECRET, version=ConfigVersion(sqlite_db))
+    other = open_db(str(tmp_path / "gateway.db"))  # the CLI: another connection
+    other_keys = KeyStore(other, SECRET)
+    PlanStore(other).create("gold", {"rpm": 10})
+    _, key = other_keys.create("acme", limits={"tpm": 100})
+    reads = _Reads(sqlite_db)
+
+    async def scenario() -> None:
+        first = await store.authenticate(key)
+        assert first is not None and first.limits.tpm == 100
+        assert any("FROM keys" in sql for sql in reads.take())
+        await asyncio.sleep(0)
+        assert await store.authenticate(key) == first
+        assert reads.take() == ["SELECT n FROM config_version"]  # the cache answered
+
+        for change, check in [
+            (lambda: other_keys.update("acme", limits={"tpm": 7}), lambda p: p.limits.tpm == 7),
+            (lambda: other_keys.update("acme", plan="gold"), lambda p: p.limits.rpm == 10),
+            (lambda: PlanStore(other).update("gold", {"rpm": 11}), lambda p: p.limits.rpm == 11),
+            (lambda: other_keys.revoke("acme"), lambda p: p is None),
+        ]:
+            await asyncio.sleep(0)
+            change()
+            await asyncio.sleep(0)
+            assert check(await store.authenticate(key))
+
+    asyncio.run(scenario())
+
+
+def test_cached_prices_match_the_database_at_every_moment(sqlite_db: SQLiteDatabase, tmp_path: Any) -> None:
+    cached = PriceBook(sqlite_db, version=ConfigVersion(sqlite_db))
+    other = PriceBook(open_db(str(tmp_path / "gateway.db")))
+    rng = random.Random(7)
+    models = ["m", "n", DEFAULT_MODEL]
+
+    async def scenario() -> None:
+        for _ in range(40):
+            model = rng.choice(models)
+            when = float(rng.randrange(0, 1000))
+            if not [p for p in other.history() if p.model == model and p.effective_from == when]:
+                other.set(model, Price(rng.randrange(100), rng.randrange(100), rng.randrange(100)), when)
+            await asyncio.sleep(0)
+            for _ in range(25):
+                asked, at = rng.choice([*models, None, "unpriced"]), float(rng.randrange(-10, 1100))
+                assert await cached.price_at(asked, at) == other.at(asked, at), (asked, at)
+
+    asyncio.run(scenario())
