@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from gateway.asgi import ClientGone, header, read_body, send_error
 from gateway.auth import PRINCIPAL
 from gateway.errors import GatewayError, InvalidRequest, QuotaExceeded, UpstreamError, UpstreamTimeout
 from gateway.keys import Principal
-from gateway.ledger import Ledger, PendingRow, Settlement
+from gateway.ledger import Ledger, PendingRow, Settlement, new_request_id
 from gateway.metrics import Metrics, Timings
 from gateway.prices import Price
 from gateway.quota import Demand, QuotaStore, Rejection, Reservation, WindowState
@@ -104,7 +103,7 @@ class Proxy:
         return _Endpoint(self, spec)
 
     async def handle(self, spec: RouteSpec, scope: Scope, receive: Receive, send: Send) -> None:
-        request_id = "req_" + os.urandom(12).hex()
+        request_id = new_request_id()
         id_header = (REQUEST_ID_HEADER, request_id.encode())
         try:
             await self._handle(spec, request_id, id_header, scope, receive, send)

@@ -120,3 +120,37 @@ def test_a_bad_write_does_not_sink_its_batch(db_path: str) -> None:
     err = asyncio.run(run())
     assert err is not None  # the foreign key
     assert {r["id"] for r in ledger_rows(db_path)} == {"req_1", "req_2"}
+
+
+@pytest.mark.parametrize("engine", ["sqlite"])  # PostgreSQL pipelines each batch instead
+def test_sequential_requests_share_one_commit_each(db_path: str) -> None:
+    """A settlement lingers for the next pending row: one commit per request, not two."""
+
+    async def run() -> list[int]:
+        await _with_key(db_path)
+        batches: list[int] = []
+        ledger = Ledger(db_path, on_commit=lambda s, n: batches.append(n))
+        ledger.start()
+        for i in range(20):
+            await ledger.pending(_row(i))
+            ledger.settle(Settlement(f"req_{i}", 200))
+        await ledger.close()
+        return batches
+
+    batches = asyncio.run(run())
+    assert sum(batches) == 60  # pending, settle and rollup for each
+    assert len(batches) <= 21
+    assert {r["state"] for r in ledger_rows(db_path)} == {"settled"}
+
+
+def test_request_ids_are_unique_and_in_time_order() -> None:
+    from gateway.ledger import new_request_id
+
+    ids = []
+    for _ in range(3):
+        ids += [new_request_id() for _ in range(1000)]
+        time.sleep(0.002)
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 28 and i.startswith("req_") for i in ids)
+    stamps = [i[4:16] for i in ids]
+    assert stamps == sorted(stamps)
