@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import queue
+import random
 import threading
 import time
 import uuid
@@ -39,8 +39,11 @@ _STOP = object()
 
 def new_request_id() -> str:
     """``req_`` + 12 hex digits of milliseconds + 12 random: unique, and in time order, so that
-    the ledger's primary key grows at one end instead of touching a random page per insert."""
-    return f"req_{time.time_ns() // 1_000_000:012x}{os.urandom(6).hex()}"
+    the ledger's primary key grows at one end instead of touching a random page per insert.
+
+    The random part is not a secret (ids are shown to their own caller), so it comes from
+    ``random`` (reseeded in forked workers) rather than a system call per request."""
+    return f"req_{time.time_ns() // 1_000_000:012x}{random.getrandbits(48):012x}"
 
 
 @dataclass(slots=True)

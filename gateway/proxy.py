@@ -33,7 +33,7 @@ from gateway.quota import Demand, QuotaStore, Rejection, Reservation, WindowStat
 from gateway.sse import StreamMeter
 from gateway.stream_emulation import sse_events
 from gateway.upstream import request_headers, response_headers
-from gateway.validation import ChatRules, max_tokens, parse_object, require_model, stream_flag
+from gateway.validation import ChatRules, max_tokens, parse_object, require_model, stream_flag, with_member
 
 __all__ = ["REQUEST_ID_HEADER", "Proxy"]
 
@@ -144,7 +144,7 @@ class Proxy:
                 messages, tools = self.rules.check(payload)
                 assert model is not None
                 to_count = (model, messages, tools, len(body))
-        modified = False
+        modified = capped = False
         replay: bool | None = None  # emulated tool stream: whether the client asked for usage
         if stream and spec.chat and payload.get("tools") and self.emulate_tool_streams:
             # This backend refuses streams with tools: ask for the whole answer, replay it as chunks.
@@ -168,7 +168,7 @@ class Proxy:
             if max_out is None and spec.generates:
                 # Without a cap the output is unbounded: reserve the configured cap and enforce it.
                 max_out = payload["max_tokens"] = self.default_max_tokens
-                modified = True
+                capped = True
             prompt = counted.prompt_tokens if counted else len(body) // 2 + 1
             tool = counted.tool_tokens if counted else 0
             assert price is not None
@@ -176,6 +176,10 @@ class Proxy:
                 prompt + (max_out or 0),
                 price.cost(input_tokens=prompt, tool_tokens=tool, output_tokens=max_out or 0),
             )
+        if capped and not modified:
+            spliced = with_member(body, "max_tokens", self.default_max_tokens)
+            modified = spliced is None
+            body = spliced or body
         if modified:
             body = json.dumps(payload, ensure_ascii=False).encode()
         reservation: Reservation | None = None

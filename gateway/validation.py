@@ -13,7 +13,7 @@ from typing import Any
 
 from gateway.errors import InvalidRequest
 
-__all__ = ["ChatRules", "max_tokens", "parse_object", "require_model", "stream_flag"]
+__all__ = ["ChatRules", "max_tokens", "parse_object", "require_model", "stream_flag", "with_member"]
 
 
 def parse_object(body: bytes) -> dict[str, Any]:
@@ -31,6 +31,24 @@ def parse_object(body: bytes) -> dict[str, Any]:
             f"The request body must be a JSON object, not {type(payload).__name__}.", code="invalid_json"
         )
     return payload
+
+
+def with_member(body: bytes, name: str, value: int) -> bytes | None:
+    """``body`` (a JSON object that parsed) with ``"name": value`` added as its first member,
+    the rest byte for byte: no re-encoding of a long prompt. None where that cannot be done
+    safely (not UTF-8, or the member is there already) and the caller must re-serialize.
+
+    >>> with_member(b' {"a": 1}', "max_tokens", 8)
+    b' {"max_tokens":8,"a": 1}'
+    """
+    if json.detect_encoding(body) != "utf-8":
+        return None
+    head = len(body) - len(body.lstrip())
+    if body[head : head + 1] != b"{" or json.dumps(name).encode() in body:
+        return None  # the name may be a member already (or a string inside one): re-serialize
+    rest = body[head + 1 :]
+    comma = b"" if rest.lstrip()[:1] == b"}" else b","
+    return body[: head + 1] + b"%s:%d" % (json.dumps(name).encode(), value) + comma + rest
 
 
 def require_model(payload: dict[str, Any], *, required: bool) -> str | None:

@@ -115,9 +115,11 @@ def test_missing_max_tokens_is_capped_for_budgeted_keys(
     make_settings: Callable[..., Settings], db_path: str
 ) -> None:
     seen: list[dict[str, Any]] = []
+    raw: list[bytes] = []
 
     def backend(request: httpx.Request) -> httpx.Response:
         seen.append(json.loads(request.content))
+        raw.append(request.content)
         return httpx.Response(
             200, json={"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 3}}
         )
@@ -127,10 +129,12 @@ def test_missing_max_tokens_is_capped_for_budgeted_keys(
     from starlette.testclient import TestClient
 
     with TestClient(create_app(settings, transport=httpx.MockTransport(backend))) as client:
+        # The client's layout is kept: the cap is added without re-encoding the body.
+        body = json.dumps({"model": V3, "messages": SEED_MESSAGES}, indent=1)
         resp = client.post(
             "/v1/chat/completions",
-            json={"model": V3, "messages": SEED_MESSAGES},
-            headers={"Authorization": f"Bearer {key}"},
+            content=body.encode(),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
         )
         too_big = client.post(
             "/v1/chat/completions",
@@ -143,6 +147,7 @@ def test_missing_max_tokens_is_capped_for_budgeted_keys(
             headers={"Authorization": f"Bearer {key}"},
         )
     assert resp.status_code == 200 and seen[0]["max_tokens"] == 64
+    assert raw[0] == b'{"max_tokens":64,' + body.encode()[1:]
     assert too_big.status_code == 429 and "Request too large" in too_big.json()["error"]["message"]
     assert "retry-after" not in too_big.headers
     assert negative.status_code == 400 and negative.json()["error"]["param"] == "max_tokens"

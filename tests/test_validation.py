@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
 from gateway.errors import InvalidRequest
-from gateway.validation import ChatRules, max_tokens
+from gateway.validation import ChatRules, max_tokens, with_member
 from tests.conftest import SEED_MESSAGES, SEED_TOOLS
 
 
@@ -59,3 +60,28 @@ def test_max_tokens_must_be_a_non_negative_integer(value: Any) -> None:
     with pytest.raises(InvalidRequest, match="non-negative integer"):
         max_tokens({"max_tokens": value})
     assert max_tokens({"max_completion_tokens": 7, "max_tokens": 9}) == 7
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "m", "messages": [{"role": "user", "content": "caf\\u00e9 \xc3\xa9"}]}',
+        b"  \n{ }",
+        b"{}",
+        b'{"nested": {"max_tokens": 1}}',  # named inside: re-serialize, to be safe
+        b'{"max_tokens": null, "model": "m"}',
+    ],
+)
+def test_with_member_adds_one_member_and_keeps_the_rest_byte_for_byte(body: bytes) -> None:
+    out = with_member(body, "max_tokens", 64)
+    if b'"max_tokens"' in body:
+        assert out is None
+        return
+    assert out is not None
+    assert json.loads(out) == {"max_tokens": 64, **json.loads(body)}
+    assert out.replace(b'"max_tokens":64', b"").replace(b"{,", b"{") == body
+
+
+def test_with_member_declines_what_it_cannot_splice_safely() -> None:
+    assert with_member('{"a": 1}'.encode("utf-16"), "max_tokens", 1) is None
+    assert with_member(b'\xef\xbb\xbf{"a": 1}', "max_tokens", 1) is None  # BOM
