@@ -1,7 +1,8 @@
 """The floor for any Python gateway: a bare pass-through proxy on the same server and HTTP client.
 
-Pure ASGI on uvicorn (uvloop, httptools) with one shared httpx.AsyncClient: it reads the body,
-forwards it, and returns the answer. No auth, no metering, no ledger.
+Pure ASGI on uvicorn (uvloop, httptools) with one shared httpx.AsyncClient whose transport gets
+each request directly, as the gateway's proxy does: it reads the body, forwards it, and returns
+the answer. No auth, no metering, no ledger.
 
     python -m bench.floor --port 8090 --upstream http://127.0.0.1:9000/v1/openai
 """
@@ -24,6 +25,8 @@ def floor_app(upstream: str, transport: str = "httpx") -> Any:
         transport=make_transport(transport, max_connections=512),
     )
     base = upstream.rstrip("/")
+    transport = client._transport
+    timeout = client.timeout.as_dict()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -42,12 +45,20 @@ def floor_app(upstream: str, transport: str = "httpx") -> Any:
             if not message.get("more_body"):
                 break
         path = scope["path"].removeprefix("/v1/openai").removeprefix("/v1")
-        response = await client.request(
+        # The gateway's own path to the backend: the request handed straight to the client's
+        # transport with the client's timeouts (see Proxy._send), so the floor is no slower.
+        request = httpx.Request(
             scope["method"],
             base + path,
             content=b"".join(chunks),
             headers={"content-type": "application/json"},
+            extensions={"timeout": timeout},
         )
+        response = await transport.handle_async_request(request)
+        try:
+            content = await response.aread()
+        finally:
+            await response.aclose()
         await send(
             {
                 "type": "http.response.start",
@@ -55,7 +66,7 @@ def floor_app(upstream: str, transport: str = "httpx") -> Any:
                 "headers": [(b"content-type", b"application/json")],
             }
         )
-        await send({"type": "http.response.body", "body": response.content})
+        await send({"type": "http.response.body", "body": content})
 
     return app
 

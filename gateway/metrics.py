@@ -14,6 +14,7 @@ mode): ``/metrics`` then aggregates every process's files.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -48,6 +49,7 @@ class Metrics:
         self, registry: CollectorRegistry | None = None, *, per_key: frozenset[str] = frozenset()
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.per_key = per_key
         r = self.registry
         self.requests = Counter(
@@ -144,6 +146,15 @@ class Metrics:
             registry=r,
         )
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, memoised: prometheus-client's own lookup (validation, a
+        lock) costs more than the increment. Holds no more than the registry (bounded labels)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def key_label(self, name: str) -> str:
         return name if name in self.per_key else OTHER
 
@@ -164,31 +175,32 @@ class Metrics:
     ) -> None:
         served = 200 <= status < 300
         label = model if (served and model) else OTHER
-        self.requests.labels(label, route, f"{status // 100}xx" if status else "none").inc()
+        child = self._child
+        child(self.requests, label, route, f"{status // 100}xx" if status else "none").inc()
         if timings is not None:
             if timings.total is not None:
-                self.duration.labels(route).observe(timings.total)
+                child(self.duration, route).observe(timings.total)
             if timings.backend is not None:
-                self.backend_duration.labels(route).observe(timings.backend)
+                child(self.backend_duration, route).observe(timings.backend)
             if timings.overhead is not None:
-                self.overhead.labels(route).observe(max(0.0, timings.overhead))
+                child(self.overhead, route).observe(max(0.0, timings.overhead))
             if timings.first_token is not None:
-                self.first_token.labels(route).observe(timings.first_token)
+                child(self.first_token, route).observe(timings.first_token)
         if error is not None:
-            self.backend_errors.labels(error).inc()
+            child(self.backend_errors, error).inc()
         if not served and status != 499:
             return
         who = self.key_label(key) if key is not None and self.per_key else None
         for kind, value in (("input", prompt_tokens), ("tool", tool_tokens), ("output", completion_tokens)):
             if value:
-                self.tokens.labels(label, kind).inc(value)
+                child(self.tokens, label, kind).inc(value)
                 if who is not None:
-                    self.key_tokens.labels(who, kind).inc(value)
+                    child(self.key_tokens, who, kind).inc(value)
         if cost_micros:
-            self.cost.labels(label).inc(cost_micros)
+            child(self.cost, label).inc(cost_micros)
         if difference is not None:
-            self.accounting_checks.labels(label, "match" if difference == 0 else "mismatch").inc()
-            self.accounting_difference.labels(label).observe(abs(difference))
+            child(self.accounting_checks, label, "match" if difference == 0 else "mismatch").inc()
+            child(self.accounting_difference, label).observe(abs(difference))
 
     def rejected(self, limit: str, kind: str) -> None:
         self.rejections.labels(limit, kind).inc()
