@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,16 @@ from gateway.settings import Settings
 from tests.servers import ServerThread
 from tests.stores import PostgresServer, RedisServer
 
-__all__ = ["CORPUS", "ENGINES", "SEED_MESSAGES", "SEED_MODEL", "SEED_TOOLS", "corpus_tools", "ledger_rows"]
+__all__ = [
+    "CORPUS",
+    "ENGINES",
+    "SEED_MESSAGES",
+    "SEED_MODEL",
+    "SEED_TOOLS",
+    "corpus_tools",
+    "ledger_rows",
+    "settled_rows",
+]
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "seal_tools.jsonl"
 
@@ -111,6 +121,18 @@ def ledger_rows(db_path: str) -> list[dict[str, Any]]:
         return list(db.query("SELECT * FROM requests ORDER BY started_at"))
     finally:
         db.close()
+
+
+def settled_rows(db_path: str, timeout: float = 10) -> list[dict[str, Any]]:
+    """The ledger once no row is pending: a settlement is committed just after its response
+    (and may wait up to the ledger's linger for company), so a running gateway's rows are read
+    through this."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = ledger_rows(db_path)
+        if all(r["state"] != "pending" for r in rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.02)
 
 
 def corpus_tools(n: int, offset: int = 0) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ from starlette.testclient import TestClient
 
 from gateway.app import create_app
 from gateway.settings import Settings
-from tests.conftest import SEED_MESSAGES, SEED_TOOLS, ledger_rows
+from tests.conftest import SEED_MESSAGES, SEED_TOOLS, settled_rows
 
 V3 = "mistralai/Mistral-7B-Instruct-v0.3"  # seed request: 11 tokens without tools, 95 with
 
@@ -50,7 +50,7 @@ def run(
             body["tools"] = tools
         with TestClient(app) as client:
             resp = client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
-        return resp, ledger_rows(db_path)[-1]
+        return resp, settled_rows(db_path)[-1]
 
     yield go
 

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from gateway.emulator.app import create_emulator_app
-from tests.conftest import SEED_MESSAGES, SEED_MODEL, SEED_TOOLS, ledger_rows
+from tests.conftest import SEED_MESSAGES, SEED_MODEL, SEED_TOOLS, ledger_rows, settled_rows
 from tests.servers import GatewayProcess, ServerThread
 
 pytestmark = pytest.mark.e2e
@@ -65,7 +65,7 @@ def test_seed_example_two_steps_answered_and_recorded(
         "According to the tool results: location is San Francisco, temperature is 60."
     )
     gateway.__exit__(None, None, None)
-    rows = ledger_rows(db_path)
+    rows = settled_rows(db_path)
     assert len(rows) == 2
     for row, response in zip(rows, (first, second), strict=True):
         assert (row["state"], row["status"], row["model"], row["route"]) == (
@@ -104,7 +104,7 @@ def test_text_stream_arrives_chunk_by_chunk(
     # ~17 tokens at 50 ms each: a buffered relay would deliver them all at the end.
     first_content = next(t for t, piece in arrivals if piece)
     assert arrivals[-1][0] - first_content > 0.5
-    (row,) = ledger_rows(db_path)
+    (row,) = settled_rows(db_path)
     assert row["stream"] == 1 and row["estimated"] == 0
     assert row["completion_tokens"] == sum(1 for _, piece in arrivals[1:] if piece) + 1  # + </s>
     assert row["first_byte_ms"] < row["duration_ms"] - 500
@@ -123,7 +123,7 @@ def test_passthrough_routes_authenticated_and_metered(
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=gateway.url + "/v1", api_key="gw-wrong", max_retries=0).models.list()
     gateway.__exit__(None, None, None)
-    rows = {r["route"]: r for r in ledger_rows(db_path)}
+    rows = {r["route"]: r for r in settled_rows(db_path)}
     assert set(rows) == {"/models", "/completions", "/embeddings"}
     assert rows["/completions"]["prompt_tokens"] == completion.usage.prompt_tokens
     assert rows["/embeddings"]["prompt_tokens"] == embedding.usage.prompt_tokens
@@ -144,7 +144,7 @@ def test_backend_error_reaches_the_openai_client_and_the_ledger(
             model=SEED_MODEL, messages=SEED_MESSAGES, tools=SEED_TOOLS, tool_choice="required"
         )
     gateway.__exit__(None, None, None)
-    (row,) = ledger_rows(db_path)
+    (row,) = settled_rows(db_path)
     assert (row["status"], row["error"]) == (503, "backend status 503")
 
 
@@ -187,7 +187,7 @@ def test_operator_cli_and_server_process(tmp_path: Path, emulator: ServerThread)
     finally:
         output = server.stop()
     assert key not in output and "sk-operator-secret" not in output
-    assert [r["status"] for r in ledger_rows(db)] == [200, 200]
+    assert [r["status"] for r in settled_rows(db)] == [200, 200]
 
 
 def test_killed_gateway_loses_no_forwarded_request(tmp_path: Path, emulator: ServerThread) -> None:
@@ -241,7 +241,7 @@ def test_killed_gateway_loses_no_forwarded_request(tmp_path: Path, emulator: Ser
     finally:
         server.stop()
     assert [r["num_model_requests"] for r in results] == [1] and results[0]["output_tokens"] == 1024
-    (row,) = ledger_rows(db)
+    (row,) = settled_rows(db)
     assert (row["state"], row["estimated"], row["model"]) == ("recovered", 1, SEED_MODEL)
     # No max_tokens in the request: the default cap (1024) stands in for the unknown output.
     assert row["prompt_tokens"] > 0 and row["completion_tokens"] == 1024
@@ -261,7 +261,7 @@ def test_demo_mode_serves_the_emulator_and_prints_a_working_key(tmp_path: Path) 
         assert "60" in second.choices[0].message.content
     finally:
         server.stop()
-    assert [r["status"] for r in ledger_rows(db)] == [200, 200]
+    assert [r["status"] for r in settled_rows(db)] == [200, 200]
     # Each demo start rotates the demo key: the old one stops working.
     server = GatewayProcess("--db", db, cwd=tmp_path).start()
     try:
@@ -297,6 +297,6 @@ def test_tool_tokens_billed_exactly_against_an_independent_backend(
     assert first.usage.prompt_tokens_details.tool_tokens == counted["tool_tokens"] > 0
     assert second.usage.prompt_tokens_details.tool_tokens == 0
     gateway.__exit__(None, None, None)
-    rows = ledger_rows(db_path)
+    rows = settled_rows(db_path)
     assert [r["tool_tokens"] for r in rows] == [counted["tool_tokens"], 0]
     assert all(r["counted_prompt_tokens"] == r["prompt_tokens"] and r["estimated"] == 0 for r in rows)

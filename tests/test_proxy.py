@@ -12,7 +12,7 @@ from starlette.testclient import TestClient
 
 from gateway.app import create_app
 from gateway.settings import Settings
-from tests.conftest import SEED_MESSAGES, SEED_MODEL, SEED_TOOLS, ledger_rows
+from tests.conftest import SEED_MESSAGES, SEED_MODEL, SEED_TOOLS, settled_rows
 
 Handler = Callable[[httpx.Request], httpx.Response]
 USAGE = {"prompt_tokens": 116, "completion_tokens": 32, "total_tokens": 148}
@@ -164,7 +164,7 @@ def test_every_forwarded_request_is_a_settled_ledger_row(
     resp = _chat(gateway, key)
     gateway.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
     _drain(gateway)
-    rows = ledger_rows(db_path)
+    rows = settled_rows(db_path)
     assert [r["route"] for r in rows] == ["/chat/completions", "/models"]
     chat = rows[0]
     assert chat["id"] == resp.headers["x-gateway-request-id"]
@@ -182,7 +182,7 @@ def test_backend_errors_pass_through_and_are_recorded(
     assert resp.status_code == 503 and resp.json() == body
     assert resp.headers["retry-after"] == "3"
     _drain(gateway)
-    (row,) = ledger_rows(db_path)
+    (row,) = settled_rows(db_path)
     assert (row["status"], row["error"]) == (503, "backend status 503")
 
 
@@ -205,7 +205,7 @@ def test_backend_faults_are_openai_shaped_and_recorded(
     assert error["code"] == code
     assert "upstream.test" not in error["message"] and "sk-operator" not in error["message"]
     _drain(gateway)
-    rows = ledger_rows(db_path)
+    rows = settled_rows(db_path)
     assert [r["status"] for r in rows] == [status]
     # Connect failures are retried once (the backend cannot have served them); nothing else is.
     assert len(backend.requests) == (2 if status == 502 and code == "upstream_unreachable" else 1)
@@ -292,7 +292,7 @@ def test_text_stream_is_relayed_event_by_event_with_usage_requested(
     assert json.loads(backend.requests[0].content)["stream_options"] == {"include_usage": True}
     assert received == events[0] + events[1] + events[3]
     _drain(gateway)
-    (row,) = ledger_rows(db_path)
+    (row,) = settled_rows(db_path)
     assert (row["stream"], row["prompt_tokens"], row["completion_tokens"], row["estimated"]) == (1, 9, 2, 0)
 
 
@@ -316,7 +316,7 @@ def test_stream_without_usage_is_marked_estimated(
     )
     _chat(gateway, key, stream=True)
     _drain(gateway)
-    (row,) = ledger_rows(db_path)
+    (row,) = settled_rows(db_path)
     assert row["estimated"] == 1 and row["completion_tokens"] is not None
 
 

@@ -17,7 +17,7 @@ from gateway.emulator.app import create_emulator_app
 from gateway.keys import KeyStore, load_key_secret
 from gateway.prices import Price, PriceBook
 from gateway.settings import Settings
-from tests.conftest import SEED_MESSAGES, ledger_rows
+from tests.conftest import SEED_MESSAGES, settled_rows
 from tests.servers import ServerThread
 
 pytestmark = pytest.mark.e2e
@@ -63,7 +63,7 @@ def test_sixty_simultaneous_requests_against_a_budget_that_fits_fifteen(
     error = refused[0].body
     assert error["type"] == "insufficient_quota" and error["param"] == "tokens_per_day"
     assert "tokens_per_day" in error["message"] and refused[0].response.headers["retry-after"]
-    rows = ledger_rows(db_path)
+    rows = settled_rows(db_path)
     assert len(rows) == 15  # refused requests never reached the backend
     used = sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
     assert used <= 15 * DEMAND
@@ -103,7 +103,7 @@ def test_rate_headers_limits_endpoint_prices_and_live_limit_changes(
     assert by_name["rpm"]["limit"] == 100 and by_name["rpm"]["used"] == 4
     assert limits["prices"]["currency"] == "USD"
     assert limits["prices"]["models"][0]["input_per_million"] == 200_000
-    rows = ledger_rows(db_path)
+    rows = settled_rows(db_path)
     # 11 prompt tokens at 0.20/M and the answer's tokens at 0.80/M, in micro-units, rounded.
     assert all(
         r["cost_micros"] == (11 * 200_000 + r["completion_tokens"] * 800_000 + 500_000) // 1_000_000
@@ -152,7 +152,7 @@ def test_missing_max_tokens_is_capped_for_budgeted_keys(
     assert "retry-after" not in too_big.headers
     assert negative.status_code == 400 and negative.json()["error"]["param"] == "max_tokens"
     assert len(seen) == 1
-    assert [r["reserved_tokens"] for r in ledger_rows(db_path)] == [11 + 64]
+    assert [r["reserved_tokens"] for r in settled_rows(db_path)] == [11 + 64]
 
 
 def test_backend_failure_releases_the_reservation(

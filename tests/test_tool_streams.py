@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from gateway.stream_emulation import sse_events
-from tests.conftest import SEED_MESSAGES, SEED_TOOLS, ledger_rows
+from tests.conftest import SEED_MESSAGES, SEED_TOOLS, settled_rows
 from tests.servers import ServerThread
 
 V3 = "mistralai/Mistral-7B-Instruct-v0.3"
@@ -70,7 +70,7 @@ def test_streamed_tool_calls_assemble_to_the_non_streaming_answer(
     assert len(streamed["tool_calls"]) == (2 if messages is PARALLEL else 1)
     assert usage.prompt_tokens == whole.usage.prompt_tokens
     assert usage.prompt_tokens_details.tool_tokens == whole.usage.prompt_tokens_details.tool_tokens > 0
-    rows = ledger_rows(db_path)
+    rows = settled_rows(db_path)
     assert [(r["stream"], r["status"], r["estimated"]) for r in rows] == [(0, 200, 0), (1, 200, 0)]
     assert rows[0]["tool_tokens"] == rows[1]["tool_tokens"]
 
@@ -131,7 +131,7 @@ def test_a_stream_without_usage_is_counted_with_the_tokenizer_and_marked(
     from gateway.accounting.registry import Registry
 
     expected = Accountant(Registry.load()).count_text(V3, text)
-    (row,) = ledger_rows(db_path)
+    (row,) = settled_rows(db_path)
     assert (row["estimated"], row["completion_tokens"], row["prompt_tokens"]) == (1, expected, 11)
 
 

@@ -19,7 +19,7 @@ from gateway.db import open_db
 from gateway.keys import KeyStore, load_key_secret
 from gateway.ledger import Ledger, PendingRow, Settlement
 from gateway.settings import Settings
-from tests.conftest import ENGINES, ledger_rows
+from tests.conftest import ENGINES, settled_rows
 
 
 @pytest.fixture(params=ENGINES)
@@ -81,7 +81,7 @@ def _get(settings: Settings, key: str, path: str, **params: Any) -> httpx.Respon
 def _ledger_sums(db_path: str, key_id: int, lo: int, hi: int) -> tuple[int, int, int, int, int]:
     rows = [
         r
-        for r in ledger_rows(db_path)
+        for r in settled_rows(db_path)
         if r["key_id"] == key_id and lo <= r["started_at"] < hi and r["prompt_tokens"] is not None
     ]
     return (
@@ -155,7 +155,7 @@ def test_a_customer_never_sees_another_keys_data_and_anonymous_gets_401(setup: A
     assert acme == _ledger_sums(settings.db, ids["acme"], lo, hi) != globex
     lines = _get(settings, secrets["globex"], "/v1/usage/requests", limit=1000).json()["data"]
     assert lines and all(
-        line["id"] in {r["id"] for r in ledger_rows(settings.db) if r["key_id"] == ids["globex"]}
+        line["id"] in {r["id"] for r in settled_rows(settings.db) if r["key_id"] == ids["globex"]}
         for line in lines
     )
     assert _get(settings, "", "/v1/usage").status_code == 401
@@ -170,7 +170,7 @@ def test_request_lines_newest_first_paged(setup: Any) -> None:
         if not page["has_more"]:
             break
         params["after"] = page["last_id"]
-    mine = [r for r in ledger_rows(settings.db) if r["key_id"] == ids["acme"]]
+    mine = [r for r in settled_rows(settings.db) if r["key_id"] == ids["acme"]]
     assert len(collected) == len(mine) and len({c["id"] for c in collected}) == len(mine)
     times = [c["created"] for c in collected]
     assert times == sorted(times, reverse=True)
