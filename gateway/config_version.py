@@ -16,10 +16,17 @@ version costs the same network round trip as the rows it would save.
 from __future__ import annotations
 
 import asyncio
+from typing import Generic, TypeVar
 
 from gateway.db import Database
 
-__all__ = ["ConfigVersion"]
+__all__ = ["CACHE_SIZE", "ConfigVersion", "VersionedCache"]
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+# Cache keys come from requests (key hashes, model names): past this many the cache starts over.
+CACHE_SIZE = 10_000
 
 
 class ConfigVersion:
@@ -42,3 +49,19 @@ class ConfigVersion:
 
     def _forget(self) -> None:
         self._memo = None
+
+
+class VersionedCache(Generic[K, V]):
+    """Entries good while the version they were read under holds; bounded by :data:`CACHE_SIZE`."""
+
+    def __init__(self) -> None:
+        self._entries: dict[K, tuple[int, V]] = {}
+
+    def get(self, key: K, version: int) -> V | None:
+        hit = self._entries.get(key)
+        return hit[1] if hit is not None and hit[0] == version else None
+
+    def put(self, key: K, version: int, value: V) -> None:
+        if len(self._entries) >= CACHE_SIZE:
+            self._entries.clear()
+        self._entries[key] = (version, value)

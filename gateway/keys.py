@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.config_version import ConfigVersion
+from gateway.config_version import ConfigVersion, VersionedCache
 from gateway.db import Database, IntegrityError, is_postgres, open_db
 from gateway.limits import LIMIT_NAMES, MAX_VALUE, NO_LIMITS, Limits
 from gateway.settings import Settings
@@ -29,9 +29,6 @@ __all__ = ["KeyError_", "KeyInfo", "KeyStore", "Principal", "load_key_secret"]
 KEY_PREFIX = "gw-"
 _KEY_RE = re.compile(r"^gw-[A-Za-z0-9_-]{43}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-# Active keys only are cached (unknown ones would let anyone fill memory); past this many the
-# cache starts over.
-CACHE_SIZE = 10_000
 
 
 class KeyError_(Exception):
@@ -121,7 +118,7 @@ class KeyStore:
         self._db = db
         self._secret = secret
         self._version = version
-        self._cache: dict[str, tuple[int, Principal]] = {}
+        self._cache: VersionedCache[str, Principal] = VersionedCache()
 
     def hash(self, key: str) -> str:
         return hmac.new(self._secret, key.encode(), hashlib.sha256).hexdigest()
@@ -213,9 +210,9 @@ class KeyStore:
         digest = self.hash(key)
         version = self._version.current() if self._version is not None else None
         if version is not None:
-            hit = self._cache.get(digest)
-            if hit is not None and hit[0] == version:
-                return hit[1]
+            hit = self._cache.get(digest, version)
+            if hit is not None:
+                return hit
         # The version is read before the row: a change landing in between leaves an entry
         # tagged with the older version, which the next request re-reads.
         row = await self._db.afetchone(_AUTHENTICATE, [digest])
@@ -223,10 +220,8 @@ class KeyStore:
             return None
         info = _info(row[:-1])
         principal = Principal(info.id, info.name, info.limits, info.plan)
-        if version is not None:
-            if len(self._cache) >= CACHE_SIZE:
-                self._cache.clear()
-            self._cache[digest] = (version, principal)
+        if version is not None:  # active keys only: unknown ones would let anyone fill memory
+            self._cache.put(digest, version, principal)
         return principal
 
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.config_version import ConfigVersion
+from gateway.config_version import ConfigVersion, VersionedCache
 from gateway.db import Database, IntegrityError
 
 __all__ = ["DEFAULT_MODEL", "Price", "PriceBook", "PriceError"]
@@ -74,16 +74,14 @@ _HISTORY_OF = (
     "SELECT input_per_m, tool_per_m, output_per_m, model, effective_from FROM prices "
     "WHERE model IN (?, ?) ORDER BY effective_from"
 )
-# Model names come from requests: past this many cached the cache starts over.
-CACHE_SIZE = 10_000
 
 
 class PriceBook:
     def __init__(self, db: Database, *, version: ConfigVersion | None = None) -> None:
         self._db = db
         self._version = version
-        # model -> (version, its prices, the default's prices), each sorted by effective_from
-        self._cache: dict[str, tuple[int, list[Price], list[Price]]] = {}
+        # model -> (its prices, the default's prices), each sorted by effective_from
+        self._cache: VersionedCache[str, tuple[list[Price], list[Price]]] = VersionedCache()
 
     def set(self, model: str, price: Price, effective_from: float | None = None) -> Price:
         when = time.time() if effective_from is None else effective_from
@@ -117,18 +115,13 @@ class PriceBook:
             row = await self._db.afetchone(_AT, [name, DEFAULT_MODEL, when, DEFAULT_MODEL])
             return Price(*row) if row else FREE
         version = self._version.current()
-        hit = self._cache.get(name)
-        if hit is None or hit[0] != version:
+        hit = self._cache.get(name, version)
+        if hit is None:
             rows = [Price(*row) for row in self._db.execute(_HISTORY_OF, [name, DEFAULT_MODEL]).fetchall()]
-            hit = (
-                version,
-                [p for p in rows if p.model == name],
-                [p for p in rows if p.model == DEFAULT_MODEL],
-            )
-            if len(self._cache) >= CACHE_SIZE:
-                self._cache.clear()
-            self._cache[name] = hit
-        return _in_force(hit[1], when) or _in_force(hit[2], when) or FREE
+            hit = ([p for p in rows if p.model == name], [p for p in rows if p.model == DEFAULT_MODEL])
+            self._cache.put(name, version, hit)
+        own, default = hit
+        return _in_force(own, when) or _in_force(default, when) or FREE
 
     async def acurrent(self, when: float | None = None) -> list[Price]:
         """:meth:`current` off the event loop where the database is a network hop away."""

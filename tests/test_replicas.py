@@ -23,7 +23,7 @@ from gateway.db import open_db
 from gateway.keys import KeyStore, load_key_secret
 from gateway.prices import Price, PriceBook
 from gateway.settings import Settings
-from tests.conftest import SEED_MESSAGES, ledger_rows
+from tests.conftest import SEED_MESSAGES, ledger_rows, settled_rows
 from tests.observability import GRAFANA, prometheus
 from tests.servers import EmulatorProcess, GatewayProcess
 from tests.stores import PostgresServer, RedisServer
@@ -92,16 +92,6 @@ async def _fire(urls: list[str], key: str, n: int, **kw: Any) -> list[Any]:
     return await asyncio.gather(*(one(i) for i in range(n)))
 
 
-def _settled(db: str, timeout: float = 10) -> list[dict[str, Any]]:
-    """The ledger once no row is pending: settlements are written just after their responses."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = ledger_rows(db)
-        if all(r["state"] != "pending" for r in rows) or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.05)
-
-
 def _auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
@@ -116,7 +106,7 @@ def test_a_budget_holds_across_replicas_and_every_row_lands_once(cluster: Cluste
     assert len(served) == 15 and len(refused) == 45, [type(r) for r in results]
     assert refused[0].body["param"] == "tokens_per_day"
 
-    rows = _settled(cluster.db)
+    rows = settled_rows(cluster.db)
     assert len(rows) == 15 and len({r["id"] for r in rows}) == 15  # none lost, none doubled
     assert {r["state"] for r in rows} == {"settled"}
     assert {r["id"] for r in rows} == {request_id for request_id, _ in served}
