@@ -27,6 +27,7 @@ def floor_app(upstream: str, transport: str = "httpx") -> Any:
     base = upstream.rstrip("/")
     transport = client._transport
     timeout = client.timeout.as_dict()
+    urls: dict[str, httpx.URL] = {}
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -44,12 +45,15 @@ def floor_app(upstream: str, transport: str = "httpx") -> Any:
             chunks.append(message.get("body", b""))
             if not message.get("more_body"):
                 break
-        path = scope["path"].removeprefix("/v1/openai").removeprefix("/v1")
+        path = scope["path"]
+        url = urls.get(path)
+        if url is None:  # parsed once per path, as the gateway parses once per route
+            url = urls[path] = httpx.URL(base + path.removeprefix("/v1/openai").removeprefix("/v1"))
         # The gateway's own path to the backend: the request handed straight to the client's
         # transport with the client's timeouts (see Proxy._send), so the floor is no slower.
         request = httpx.Request(
             scope["method"],
-            base + path,
+            url,
             content=b"".join(chunks),
             headers={"content-type": "application/json"},
             extensions={"timeout": timeout},

@@ -63,7 +63,7 @@ class Rejection:
     retry_after: int | None  # seconds; None when waiting cannot help
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: six are built per request, and frozen ones cost twice as much
 class WindowState:
     name: str
     limit: int
@@ -104,12 +104,12 @@ class _KeyState:
 
     def roll(self, now: float) -> None:
         if not self.period_start <= now < self.period_end:
-            day, month = _day(now), _month(now)
-            if self.day != day:
-                self.day, self.day_tokens = day, 0
-            if self.month != month:
-                self.month, self.month_tokens, self.month_spend = month, 0, 0
-            self.period_start, self.period_end = _day_start(now), _day_start(now) + 86400
+            p = _periods(now)
+            if self.day != p.day:
+                self.day, self.day_tokens = p.day, 0
+            if self.month != p.month:
+                self.month, self.month_tokens, self.month_spend = p.month, 0, 0
+            self.period_start, self.period_end = p.day_start, p.day_end
         horizon = now - MINUTE
         while self.requests and self.requests[0] <= horizon:
             self.requests.popleft()
@@ -231,41 +231,24 @@ def _check(state: _KeyState, limits: Limits, demand: Demand, now: float) -> Reje
     if limits.rpm is not None and len(state.requests) + 1 > limits.rpm:
         wait = state.requests[0] + MINUTE - now if state.requests else MINUTE
         return reject("rpm", limits.rpm, len(state.requests), 0, 1, wait)
-    budgets: list[tuple[str, int | None, int, int, int, float]] = [
-        ("tpm", limits.tpm, state.minute_tokens, state.reserved_tokens, demand.tokens, 0.0),
-        (
-            "tokens_per_day",
-            limits.tokens_per_day,
-            state.day_tokens,
-            state.reserved_tokens,
-            demand.tokens,
-            _day_start(now) + 86400,
-        ),
-        (
-            "tokens_per_month",
-            limits.tokens_per_month,
-            state.month_tokens,
-            state.reserved_tokens,
-            demand.tokens,
-            _next_month_start(now),
-        ),
-        (
-            "spend_per_month",
-            limits.spend_per_month,
-            state.month_spend,
-            state.reserved_spend,
-            demand.spend,
-            _next_month_start(now),
-        ),
-    ]
-    for name, limit, used, reserved, wanted, resets_at in budgets:
+    tokens, reserved = demand.tokens, state.reserved_tokens
+    for name, limit, used, held, wanted in (
+        ("tpm", limits.tpm, state.minute_tokens, reserved, tokens),
+        ("tokens_per_day", limits.tokens_per_day, state.day_tokens, reserved, tokens),
+        ("tokens_per_month", limits.tokens_per_month, state.month_tokens, reserved, tokens),
+        ("spend_per_month", limits.spend_per_month, state.month_spend, state.reserved_spend, demand.spend),
+    ):
         if limit is None:
             continue
         if wanted > limit:
-            return reject(name, limit, used, reserved, wanted, None)
-        if used + reserved + wanted > limit:
-            wait = _tpm_wait(state, limit, reserved + wanted, now) if name == "tpm" else resets_at - now
-            return reject(name, limit, used, reserved, wanted, wait)
+            return reject(name, limit, used, held, wanted, None)
+        if used + held + wanted > limit:
+            if name == "tpm":
+                wait = _tpm_wait(state, limit, held + wanted, now)
+            else:
+                p = _periods(now)
+                wait = (p.day_end if name == "tokens_per_day" else p.next_month_start) - now
+            return reject(name, limit, used, held, wanted, wait)
     return None
 
 
@@ -340,28 +323,63 @@ def _utc(now: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(now, dt.UTC)
 
 
+@dataclass(frozen=True, slots=True)
+class _Periods:
+    """The UTC day and month that contain one instant."""
+
+    day: str
+    month: str
+    day_start: float
+    day_end: float
+    month_start: float
+    next_month_start: float
+
+
+def _compute_periods(now: float) -> _Periods:
+    d = _utc(now)
+    day_start = calendar.timegm((d.year, d.month, d.day, 0, 0, 0))
+    year, month = (d.year + 1, 1) if d.month == 12 else (d.year, d.month + 1)
+    return _Periods(
+        d.strftime("%Y-%m-%d"),
+        d.strftime("%Y-%m"),
+        day_start,
+        day_start + 86400,
+        calendar.timegm((d.year, d.month, 1, 0, 0, 0)),
+        calendar.timegm((year, month, 1, 0, 0, 0)),
+    )
+
+
+_current = _compute_periods(0.0)
+
+
+def _periods(now: float) -> _Periods:
+    """The periods of ``now``; recomputed only when ``now`` leaves the last day asked about
+    (calendar arithmetic on every request cost as much as the rest of the quota check)."""
+    global _current
+    p = _current
+    if not p.day_start <= now < p.day_end:
+        p = _current = _compute_periods(now)
+    return p
+
+
 def _day(now: float) -> str:
-    return _utc(now).strftime("%Y-%m-%d")
+    return _periods(now).day
 
 
 def _month(now: float) -> str:
-    return _utc(now).strftime("%Y-%m")
+    return _periods(now).month
 
 
 def _day_start(now: float) -> float:
-    d = _utc(now)
-    return calendar.timegm((d.year, d.month, d.day, 0, 0, 0))
+    return _periods(now).day_start
 
 
 def _month_start(now: float) -> float:
-    d = _utc(now)
-    return calendar.timegm((d.year, d.month, 1, 0, 0, 0))
+    return _periods(now).month_start
 
 
 def _next_month_start(now: float) -> float:
-    d = _utc(now)
-    year, month = (d.year + 1, 1) if d.month == 12 else (d.year, d.month + 1)
-    return calendar.timegm((year, month, 1, 0, 0, 0))
+    return _periods(now).next_month_start
 
 
 def window_states(
@@ -387,7 +405,8 @@ def window_states(
     if limits.tpm is not None:
         reset = first_tokens + MINUTE if first_tokens is not None else now
         out.append(WindowState("tpm", limits.tpm, minute_tokens, reserved_tokens, reset))
-    day_end, month_end = _day_start(now) + 86400, _next_month_start(now)
+    p = _periods(now)
+    day_end, month_end = p.day_end, p.next_month_start
     if limits.tokens_per_day is not None:
         out.append(WindowState("tokens_per_day", limits.tokens_per_day, day_tokens, reserved_tokens, day_end))
     if limits.tokens_per_month is not None:

@@ -8,8 +8,9 @@ if no usage ever arrives, the streamed text can be counted afterwards.
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+from gateway import jsonio
 
 __all__ = ["StreamMeter"]
 
@@ -88,7 +89,7 @@ def _event_json(event: bytes) -> Any:
             payload = line[5:].strip()
             if payload and payload != b"[DONE]":
                 try:
-                    return json.loads(payload)
-                except ValueError:
+                    return jsonio.loads(payload)
+                except (ValueError, RecursionError):
                     return None
     return None

@@ -11,26 +11,42 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from gateway import jsonio
 from gateway.errors import InvalidRequest
 
-__all__ = ["ChatRules", "max_tokens", "parse_object", "require_model", "stream_flag", "with_member"]
+__all__ = [
+    "ChatRules",
+    "max_tokens",
+    "parse_document",
+    "parse_object",
+    "require_model",
+    "stream_flag",
+    "with_member",
+]
 
 
 def parse_object(body: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    return parse_document(body)[0]
+
+
+def parse_document(body: bytes) -> tuple[dict[str, Any], bool]:
+    """:func:`parse_object`, and whether orjson read it (for :func:`gateway.jsonio.encode`)."""
     if not body:
         raise InvalidRequest("The request body is empty; expected a JSON object.", code="invalid_json")
     try:
-        payload = json.loads(body)
+        payload, fast = jsonio.decode(body)
     except UnicodeDecodeError:
         raise InvalidRequest("The request body is not valid UTF-8.", code="invalid_encoding") from None
     except ValueError as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise InvalidRequest("The request body nests too deeply to read.", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise InvalidRequest(
             f"The request body must be a JSON object, not {type(payload).__name__}.", code="invalid_json"
         )
-    return payload
+    return payload, fast
 
 
 def with_member(body: bytes, name: str, value: int) -> bytes | None:

@@ -211,11 +211,43 @@ def test_backend_faults_are_openai_shaped_and_recorded(
     assert len(backend.requests) == (2 if status == 502 and code == "upstream_unreachable" else 1)
 
 
-def test_malformed_backend_answer_is_502(gateway: TestClient, backend: Backend, key: str) -> None:
+@pytest.mark.parametrize("content", [b'{"choices": [', b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b"}"])
+def test_malformed_backend_answer_is_502(
+    gateway: TestClient, backend: Backend, key: str, content: bytes
+) -> None:
     backend.handler = lambda r: httpx.Response(
-        200, content=b'{"choices": [', headers={"content-type": "application/json"}
+        200, content=content, headers={"content-type": "application/json"}
     )
     assert _assert_error(_chat(gateway, key), 502, "upstream_error")["code"] == "upstream_malformed"
+
+
+def test_answer_numbers_survive_the_tool_tokens_rewrite(
+    gateway: TestClient, backend: Backend, key: str
+) -> None:
+    """The answer is re-encoded to add tool_tokens: a huge integer or a NaN in it stays as it was."""
+    raw = json.dumps(_completion(system_fingerprint=2**70, score=float("nan"))).encode()
+    backend.handler = lambda r: httpx.Response(200, content=raw, headers={"content-type": "application/json"})
+    body = json.loads(_chat(gateway, key, tools=SEED_TOOLS).content)
+    assert body["system_fingerprint"] == 2**70 and body["score"] != body["score"]
+    assert "tool_tokens" in body["usage"]["prompt_tokens_details"]
+
+
+def test_re_encoded_request_keeps_a_lone_surrogate(gateway: TestClient, backend: Backend, key: str) -> None:
+    """A stream is re-encoded (to ask for usage); JSON that json reads must be written back, not crash."""
+    backend.handler = lambda r: httpx.Response(
+        200, content=b"data: [DONE]\n\n", headers={"content-type": "text/event-stream"}
+    )
+    content = b'{"model": "%s", "stream": true, "messages": [{"role": "user", "content": "a\\ud800b"}]}' % (
+        SEED_MODEL.encode()
+    )
+    resp = gateway.post(
+        "/v1/chat/completions",
+        content=content,
+        headers={"Authorization": f"Bearer {key}", "content-type": "application/json"},
+    )
+    assert resp.status_code == 200, resp.text
+    sent = json.loads(backend.requests[0].content)
+    assert sent["messages"][0]["content"] == "a\ud800b" and sent["stream_options"] == {"include_usage": True}
 
 
 @pytest.mark.parametrize(
@@ -229,6 +261,7 @@ def test_malformed_backend_answer_is_502(gateway: TestClient, backend: Backend, 
         (b'{"messages": []}', "'model' is required"),
         (b'{"model": 5}', "'model' is required"),
         (b'{"model": "m", "stream": "yes"}', "'stream' must be a boolean"),
+        (b'{"model": "m", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nests too deeply"),
         (
             b'{"model": "m", "messages": [{"role": "user"}], "stream": true, "stream_options": 3}',
             "'stream_options' must be an object",

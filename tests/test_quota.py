@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import datetime as dt
+import random
 
 import pytest
 
 from gateway.limits import Limits
-from gateway.quota import Demand, LocalQuota, Rejection, Reservation
+from gateway.quota import (
+    Demand,
+    LocalQuota,
+    Rejection,
+    Reservation,
+    _day,
+    _day_start,
+    _month,
+    _month_start,
+    _next_month_start,
+)
 
 NOON = calendar.timegm((2026, 11, 24, 12, 0, 0))
 
@@ -136,3 +148,19 @@ def test_concurrent_reservations_never_exceed_and_never_leak(limits: Limits) -> 
 
     admitted, used = asyncio.run(run())
     assert admitted == 15 and used == 150
+
+
+def test_cached_periods_match_the_calendar_in_any_order() -> None:
+    """Day and month bounds are cached per day: instants out of order, on and around every
+    boundary (midnight, month ends, December, a leap day), give the calendar's answer."""
+    edges = [calendar.timegm((y, m, 1, 0, 0, 0)) for y in (2024, 2025, 2026) for m in range(1, 13)]
+    edges += [calendar.timegm((2024, 2, 29, 0, 0, 0)), calendar.timegm((2026, 11, 24, 0, 0, 0))]
+    instants = [e + d for e in edges for d in (-86400, -1, -0.000001, 0, 0.5, 86399.999)]
+    random.Random(7).shuffle(instants)
+    for now in instants:
+        d = dt.datetime.fromtimestamp(now, dt.UTC)
+        nxt = (d.year + 1, 1) if d.month == 12 else (d.year, d.month + 1)
+        assert _day(now) == d.strftime("%Y-%m-%d") and _month(now) == d.strftime("%Y-%m")
+        assert _day_start(now) == calendar.timegm((d.year, d.month, d.day, 0, 0, 0))
+        assert _month_start(now) == calendar.timegm((d.year, d.month, 1, 0, 0, 0))
+        assert _next_month_start(now) == calendar.timegm((*nxt, 1, 0, 0, 0))
