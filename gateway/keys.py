@@ -204,14 +204,16 @@ class KeyStore:
 
     async def authenticate(self, key: str) -> Principal | None:
         """The active key's principal, or None. Malformed keys never reach the database."""
+        version = self._version.current() if self._version is not None else None
+        if version is not None:
+            # Keyed by the key itself: a hit costs a dict lookup, not an HMAC (OpenSSL's, cold
+            # in the CPU's caches between requests, cost a twentieth of a request).
+            hit = self._cache.get(key, version)
+            if hit is not None:
+                return hit
         if not _KEY_RE.match(key):
             return None
         digest = self.hash(key)
-        version = self._version.current() if self._version is not None else None
-        if version is not None:
-            hit = self._cache.get(digest, version)
-            if hit is not None:
-                return hit
         # The version is read before the row: a change landing in between leaves an entry
         # tagged with the older version, which the next request re-reads.
         row = await self._db.afetchone(_AUTHENTICATE, [digest])
@@ -220,7 +222,7 @@ class KeyStore:
         info = _info(row[:-1])
         principal = Principal(info.id, info.name, info.limits, info.plan)
         if version is not None:  # active keys only: unknown ones would let anyone fill memory
-            self._cache.put(digest, version, principal)
+            self._cache.put(key, version, principal)
         return principal
 
 

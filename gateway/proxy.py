@@ -218,7 +218,7 @@ class Proxy:
         served = False
         timings = Timings()
         backend_error: str | None = None
-        self.metrics.in_flight.inc()
+        self.metrics.started()
         try:
             await self.ledger.pending(
                 PendingRow(
@@ -276,7 +276,6 @@ class Proxy:
             if reservation is not None:
                 self.quota.settle(reservation, used, settlement.cost_micros or 0, time.time())
             self.ledger.settle(settlement)
-            self.metrics.in_flight.dec()
             timings.total = settlement.duration_ms / 1000
             if timings.send_at is not None:
                 pre = timings.send_at - t0

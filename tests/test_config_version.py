@@ -101,8 +101,13 @@ def test_a_cached_key_follows_changes_made_by_another_process(
         assert first is not None and first.limits.tpm == 100
         assert any("FROM keys" in sql for sql in reads.take())
         await asyncio.sleep(0)
+        hashed: list[str] = []
+        store.hash = lambda k: hashed.append(k) or KeyStore.hash(store, k)  # type: ignore[method-assign]
         assert await store.authenticate(key) == first
-        assert reads.take() == ["SELECT n FROM config_version"]  # the cache answered
+        assert reads.take() == ["SELECT n FROM config_version"]  # the cache answered,
+        assert hashed == []  # without even an HMAC
+        assert await store.authenticate(key[:-1] + ("A" if key[-1] != "A" else "B")) is None
+        assert len(hashed) == 1  # a near miss is not a hit
 
         for change, check in [
             (lambda: other_keys.update("acme", limits={"tpm": 7}), lambda p: p.limits.tpm == 7),

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
 from gateway.db import open_db
 from gateway.keys import KeyStore, load_key_secret
+from gateway.metrics import FOLD_EVERY, Metrics, Timings
 from gateway.prices import Price, PriceBook
 from gateway.settings import Settings
 from tests.conftest import SEED_MESSAGES, SEED_TOOLS
@@ -101,3 +103,92 @@ def test_per_key_series_are_opt_in_and_capped(make_settings: Callable[..., Setti
     assert value("gateway_key_tokens_total", {"key": "alpha", "kind": "input"}) == 95
     assert value("gateway_key_tokens_total", {"key": "other", "kind": "input"}) == 2 * 95
     assert value("gateway_key_tokens_total", {"key": "beta", "kind": "input"}) is None
+
+
+def _exposition(registry: CollectorRegistry) -> str:
+    text = generate_latest(registry).decode()
+    return "\n".join(line for line in text.splitlines() if "_created" not in line)  # a timestamp
+
+
+def test_tallies_fold_into_exactly_what_direct_observations_give() -> None:
+    """Per-request figures are tallied and folded in later: the result is the same, bucket
+    bounds included (a value equal to a bound is in that bucket; past the last, in +Inf)."""
+    registry, reference = CollectorRegistry(), CollectorRegistry()
+    metrics = Metrics(registry)
+    direct = Metrics(reference)
+    values = [0.0, 0.005, 0.0050001, 0.01, 1, 299.9, 300, 301, 1e9, *[i / 997 for i in range(200)]]
+
+    async def serve() -> None:
+        for i, seconds in enumerate(values):
+            metrics.started()
+            timings = Timings()
+            timings.total, timings.backend, timings.overhead = seconds, seconds / 2, seconds / 1000
+            figures: dict[str, Any] = dict(
+                model=V3 if i % 3 else None,
+                route="/chat/completions",
+                status=(200, 503, 499, 0)[i % 4],
+                prompt_tokens=i,
+                tool_tokens=i % 5,
+                completion_tokens=2 * i,
+                difference=i % 4 - 1,
+                cost_micros=3 * i,
+                timings=timings,
+                error="timeout" if i % 7 == 0 else None,
+            )
+            metrics.record(**figures)
+            _record_directly(direct, **figures)
+
+    asyncio.run(serve())
+    assert _exposition(registry) == _exposition(reference)
+    assert registry.get_sample_value("gateway_requests_in_flight") == 0
+
+
+def _record_directly(m: Metrics, **figures: Any) -> None:
+    """What Metrics.record did before tallies: prometheus-client's own inc and observe."""
+    status, timings = figures["status"], figures["timings"]
+    served = 200 <= status < 300
+    label = figures["model"] if served and figures["model"] else "other"
+    route = figures["route"]
+    m.requests.labels(label, route, f"{status // 100}xx" if status else "none").inc()
+    m.duration.labels(route).observe(timings.total)
+    m.backend_duration.labels(route).observe(timings.backend)
+    m.overhead.labels(route).observe(timings.overhead)
+    if figures["error"] is not None:
+        m.backend_errors.labels(figures["error"]).inc()
+    if not served and status != 499:
+        return
+    for kind, name in (("input", "prompt_tokens"), ("tool", "tool_tokens"), ("output", "completion_tokens")):
+        if figures[name]:
+            m.tokens.labels(label, kind).inc(figures[name])
+    if figures["cost_micros"]:
+        m.cost.labels(label).inc(figures["cost_micros"])
+    difference = figures["difference"]
+    m.accounting_checks.labels(label, "match" if difference == 0 else "mismatch").inc()
+    m.accounting_difference.labels(label).observe(abs(difference))
+
+
+def test_tallies_reach_the_metrics_soon_without_a_scrape() -> None:
+    """Another process's scrape reads this one's values (multiprocess files), not its tallies:
+    they are folded in within FOLD_EVERY seconds of a request, and in_flight counts as it goes."""
+    metrics = Metrics(CollectorRegistry())
+    requests = metrics.requests.labels(V3, "/chat/completions", "2xx")
+
+    async def serve() -> tuple[float, float, float]:
+        metrics.started()
+        await asyncio.sleep(FOLD_EVERY + 0.2)
+        in_flight = metrics.in_flight._value.get()
+        metrics.record(
+            model=V3,
+            route="/chat/completions",
+            status=200,
+            prompt_tokens=1,
+            tool_tokens=0,
+            completion_tokens=1,
+            difference=None,
+        )
+        before = requests._value.get()
+        await asyncio.sleep(FOLD_EVERY + 0.2)
+        return in_flight, before, requests._value.get()
+
+    assert asyncio.run(serve()) == (1, 0, 1)
+    assert metrics.in_flight._value.get() == 0
