@@ -153,14 +153,19 @@ class ChatRules:
 
 
 def _depth(value: Any, cap: int) -> int:
-    """Nesting depth of a JSON value, without recursion, stopping once ``cap`` is reached."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict | list):
-            deepest = max(deepest, depth)
-            if deepest >= cap:
-                return deepest
+    """Nesting depth of a JSON value, without recursion, stopping once ``cap`` is reached.
+
+    Level by level, keeping only containers: scalars (most of a schema) are never pushed."""
+    level = [value] if isinstance(value, _CONTAINERS) else []
+    depth = 0
+    while level and depth < cap:
+        depth += 1
+        below: list[Any] = []
+        for node in level:
             children = node.values() if isinstance(node, dict) else node
-            stack.extend((child, depth + 1) for child in children)
-    return deepest
+            below += [child for child in children if isinstance(child, _CONTAINERS)]
+        level = below
+    return depth
+
+
+_CONTAINERS = (dict, list)

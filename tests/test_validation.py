@@ -85,3 +85,30 @@ def test_with_member_adds_one_member_and_keeps_the_rest_byte_for_byte(body: byte
 def test_with_member_declines_what_it_cannot_splice_safely() -> None:
     assert with_member('{"a": 1}'.encode("utf-16"), "max_tokens", 1) is None
     assert with_member(b'\xef\xbb\xbf{"a": 1}', "max_tokens", 1) is None  # BOM
+
+
+def test_schema_depth_is_measured_exactly_up_to_the_cap() -> None:
+    """The depth check (level by level, containers only) against a plain recursive reference."""
+    import random
+
+    from gateway.validation import _depth
+
+    def reference(value: Any) -> int:
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, list):
+            return 1 + max(map(reference, value), default=0)
+        return 0
+
+    rng = random.Random(5)
+
+    def nest(budget: int) -> Any:
+        if budget == 0 or rng.random() < 0.25:
+            return rng.choice([1, "s", None, True, [], {}])
+        kids = [nest(budget - 1) for _ in range(rng.randint(0, 3))]
+        return kids if rng.random() < 0.5 else {str(i): kid for i, kid in enumerate(kids)}
+
+    for _ in range(2000):
+        value = nest(rng.randint(0, 40))
+        for cap in (1, 2, 5, 33):
+            assert _depth(value, cap) == min(reference(value), cap)
