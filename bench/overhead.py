@@ -9,12 +9,13 @@ LiteLLM's proxy in front of the same emulator (installed into its own virtualenv
 1. interleaved sequential requests (each target in turn) for the seed's tool request and a
    20-tool, ~8k-token request: p50 and p99, what each adds to the backend alone, and the
    gateway's margin over each floor;
-2. a concurrency sweep with wrk (1, 8, 32, 128 connections): throughput and p99 for each;
+2. a concurrency sweep with wrk (1, 8, 32, 128 connections): throughput and p99 for each, in
+   interleaved rounds (the median round is kept; each ratio is the median of the rounds' ratios);
 3. the gateway's RSS at rest and at its peak under the load.
 
 Writes bench/results/overhead.{json,md}; prints progress as it goes.
 
-    python -m bench.overhead [--requests 500] [--seconds 5] [--litellm]   (needs wrk)
+    python -m bench.overhead [--requests 500] [--seconds 4] [--rounds 3] [--litellm]   (needs wrk)
 """
 
 from __future__ import annotations
@@ -130,7 +131,10 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--requests", type=int, default=500)
-    parser.add_argument("--seconds", type=int, default=5, help="per wrk run")
+    parser.add_argument("--seconds", type=int, default=4, help="per wrk run")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="wrk runs per target and concurrency, interleaved (median kept)"
+    )
     parser.add_argument(
         "--litellm",
         action="store_true",
@@ -146,7 +150,7 @@ def main() -> int:
     from gateway.settings import Settings
     from tests.servers import EmulatorProcess, GatewayProcess
 
-    result: dict[str, Any] = {"python": sys.version.split()[0], "cpus": os.cpu_count()}
+    result: dict[str, Any] = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "rounds": args.rounds}
     procs: list[subprocess.Popen[Any]] = []
     with tempfile.TemporaryDirectory() as tmp, EmulatorProcess() as emulator:
         settings = Settings(db=f"{tmp}/bench.db")
@@ -193,20 +197,36 @@ def main() -> int:
                         flush=True,
                     )
             result["sweep"] = {}
+            result["ratios"] = {}
             peak = result["rss_mb_at_rest"]
             for connections in CONNECTIONS:
-                for target, (url, headers) in targets.items():
-                    figures = wrk(
-                        url, headers.get("Authorization", "Bearer x").split()[-1], args.seconds, connections
-                    )
-                    if target == "gateway":
-                        peak = max(peak, rss_mb(gateway.proc.pid))
-                    result["sweep"][f"{target}@{connections}"] = figures
-                    print(
-                        f"sweep {connections:>3} connections, {target:>13}: "
-                        f"{figures['throughput_rps']:7.0f} req/s, p99 {figures['p99_ms']:.2f} ms",
-                        flush=True,
-                    )
+                # Rounds, each target in turn: the machine's speed drifts (other tenants, other
+                # processes), and a ratio is fair only between runs made close together.
+                rounds: dict[str, list[dict[str, float]]] = {t: [] for t in targets}
+                for r in range(args.rounds):
+                    for target, (url, headers) in targets.items():
+                        figures = wrk(
+                            url,
+                            headers.get("Authorization", "Bearer x").split()[-1],
+                            args.seconds,
+                            connections,
+                        )
+                        if target == "gateway":
+                            peak = max(peak, rss_mb(gateway.proc.pid))
+                        rounds[target].append(figures)
+                        print(
+                            f"sweep {connections:>3} connections, round {r + 1}/{args.rounds}, {target:>13}: "
+                            f"{figures['throughput_rps']:7.0f} req/s, p99 {figures['p99_ms']:.2f} ms",
+                            flush=True,
+                        )
+                for target, runs in rounds.items():
+                    median = sorted(runs, key=lambda f: f["throughput_rps"])[len(runs) // 2]
+                    result["sweep"][f"{target}@{connections}"] = {**median, "rounds": runs}
+                    if target != "gateway":
+                        result["ratios"][f"gateway/{target}@{connections}"] = statistics.median(
+                            g["throughput_rps"] / o["throughput_rps"]
+                            for g, o in zip(rounds["gateway"], runs, strict=True)
+                        )
             result["rss_mb_after_load"] = max(peak, rss_mb(gateway.proc.pid))
         finally:
             for proc in procs:
@@ -234,7 +254,8 @@ def report(result: dict[str, Any]) -> str:
         "# Gateway overhead",
         "",
         f"Python {result['python']}, {result.get('cpus')} CPUs. Added = the target's p50 (p99) minus the",
-        "backend's alone; the gateway's margin is measured against each floor.",
+        "backend's alone; the gateway's margin is measured against each floor. Throughput: the median",
+        f"of {result.get('rounds', 1)} interleaved rounds; each ratio is the median of the rounds' ratios.",
         "",
         "| request | target | p50 ms | p99 ms | added p50 ms | added p99 ms |",
         "|---|---|---:|---:|---:|---:|",
@@ -263,7 +284,11 @@ def report(result: dict[str, Any]) -> str:
     ]
     for c in CONNECTIONS:
         rps = {t: result["sweep"][f"{t}@{c}"]["throughput_rps"] for t in targets}
-        ratios = [rps["gateway"] / rps[t] for t in targets if t not in ("direct", "gateway")]
+        ratios = [
+            result["ratios"].get(f"gateway/{t}@{c}", rps["gateway"] / rps[t])
+            for t in targets
+            if t not in ("direct", "gateway")
+        ]
         md.append(
             f"| {c} | "
             + " | ".join(f"{rps[t]:.0f}" for t in targets)
