@@ -82,10 +82,14 @@ class _Holder:
 
     keys: KeyStore | None = None
     prices: PriceBook | None = None
+    version: ConfigVersion | None = None
 
-    async def authenticate(self, key: str) -> Principal | None:
+    def version_now(self) -> int | None:
+        return self.version.current() if self.version is not None else None
+
+    async def authenticate(self, key: str, *, checked_at_commit: bool = False) -> Principal | None:
         assert self.keys is not None, "the app's lifespan has not started"
-        return await self.keys.authenticate(key)
+        return await self.keys.authenticate(key, checked_at_commit=checked_at_commit)
 
     def price_book(self) -> PriceBook:
         assert self.prices is not None, "the app's lifespan has not started"
@@ -97,9 +101,9 @@ class _Holder:
             input_tokens=input_tokens, tool_tokens=0, output_tokens=output_tokens
         )
 
-    async def price(self, model: str | None, when: float) -> Price:
+    async def price(self, model: str | None, when: float, version: int | None = None) -> Price:
         assert self.prices is not None, "the app's lifespan has not started"
-        return await self.prices.price_at(model, when)
+        return await self.prices.price_at(model, when, version)
 
 
 def create_app(
@@ -147,6 +151,7 @@ def create_app(
         backend_counts_tools=settings.backend_counts_tools,
         emulate_tool_streams=settings.emulate_tool_streams,
         rules=rules,
+        config_version=holder.version_now,
     )
     limits_api = LimitsAPI(quota, holder.price_book, settings.currency)
     count_tokens = CountTokens(accountant, settings.max_body_bytes, rules)
@@ -154,7 +159,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         db = open_db(settings.db)
-        version = ConfigVersion(db) if db.dialect.name == "sqlite" else None
+        version = holder.version = ConfigVersion(db) if db.dialect.name == "sqlite" else None
         holder.keys = KeyStore(db, load_key_secret(settings), version=version)
         holder.prices = PriceBook(db, version=version)
         recovered = ledger.recover(holder.recovery_cost)
@@ -210,7 +215,9 @@ def create_app(
     app.add_middleware(AuthMiddleware, authenticate=holder.authenticate)
     app.add_middleware(AdminAuthMiddleware, token=settings.admin_token, authenticate=holder.authenticate)
     fast: dict[tuple[str, str], ASGIApp] = {
-        (method, path): AuthMiddleware(proxy.endpoint(spec), authenticate=holder.authenticate)
+        (method, path): AuthMiddleware(
+            proxy.endpoint(spec), authenticate=holder.authenticate, checked_at_commit=True
+        )
         for path, spec, method in PROXY_ROUTES
         if "{" not in path
     }

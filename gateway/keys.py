@@ -42,6 +42,8 @@ class Principal:
     name: str
     limits: Limits = NO_LIMITS
     plan: str | None = None
+    # The configuration version the key was read under (None: not versioned, as on PostgreSQL).
+    version: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,10 +204,13 @@ class KeyStore:
     def list(self) -> list[KeyInfo]:
         return [_info(row) for row in self._db.execute(_SELECT + _FROM + " ORDER BY k.id").fetchall()]
 
-    async def authenticate(self, key: str) -> Principal | None:
-        """The active key's principal, or None. Malformed keys never reach the database."""
-        version = self._version.current() if self._version is not None else None
-        if version is not None:
+    async def authenticate(self, key: str, *, checked_at_commit: bool = False) -> Principal | None:
+        """The active key's principal, or None. Malformed keys never reach the database.
+
+        ``checked_at_commit``: the caller commits only if the principal's ``version`` still holds
+        (a proxied request's pending row), so a cached key is used without reading the version."""
+        if self._version is not None:
+            version = self._version.known() if checked_at_commit else self._version.current()
             # Keyed by the key itself: a hit costs a dict lookup, not an HMAC (OpenSSL's, cold
             # in the CPU's caches between requests, cost a twentieth of a request).
             hit = self._cache.get(key, version)
@@ -216,13 +221,14 @@ class KeyStore:
         digest = self.hash(key)
         # The version is read before the row: a change landing in between leaves an entry
         # tagged with the older version, which the next request re-reads.
+        read_under = self._version.current() if self._version is not None else None
         row = await self._db.afetchone(_AUTHENTICATE, [digest])
         if row is None or not hmac.compare_digest(row[-1], digest):
             return None
         info = _info(row[:-1])
-        principal = Principal(info.id, info.name, info.limits, info.plan)
-        if version is not None:  # active keys only: unknown ones would let anyone fill memory
-            self._cache.put(key, version, principal)
+        principal = Principal(info.id, info.name, info.limits, info.plan, read_under)
+        if read_under is not None:  # active keys only: unknown ones would let anyone fill memory
+            self._cache.put(key, read_under, principal)
         return principal
 
 

@@ -81,6 +81,13 @@ _INSERT = (
     "INSERT INTO requests (id, key_id, model, route, stream, state, started_at, prompt_tokens, "
     "reserved_tokens, owner) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
 )
+# The pending row of a request whose key and price came from caches: written only while the
+# configuration version is the one they were read under (see gateway/config_version.py).
+_INSERT_IF_CURRENT = (
+    "INSERT INTO requests (id, key_id, model, route, stream, state, started_at, prompt_tokens, "
+    "reserved_tokens, owner) SELECT ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ? "
+    "WHERE (SELECT n FROM config_version) = ? ON CONFLICT (id) DO NOTHING"
+)
 _SETTLE = (
     "UPDATE requests SET state = 'settled', status = ?, upstream_ms = ?, first_byte_ms = ?, "
     "duration_ms = ?, prompt_tokens = ?, completion_tokens = ?, tool_tokens = ?, estimated = ?, "
@@ -103,7 +110,7 @@ _SETTLE_ROLLUP_PG = (
     "WHERE prompt_tokens IS NOT NULL OR completion_tokens IS NOT NULL {upsert}"
 )
 
-Op = tuple[str, tuple[Any, ...], "asyncio.Future[None] | None"]
+Op = tuple[str, tuple[Any, ...], "asyncio.Future[Any] | None"]
 
 
 class Ledger:
@@ -179,14 +186,17 @@ class Ledger:
         else:
             self._queue.put(op)
 
-    async def pending(self, row: PendingRow) -> None:
-        """Write the pending row and wait until it is committed."""
+    async def pending(self, row: PendingRow, *, version: int | None = None) -> bool:
+        """Write the pending row and wait until it is committed; True if it was written.
+
+        With ``version`` (SQLite only), the row is written only if the configuration version is
+        still that one when it commits; False means it moved, and nothing was written."""
         assert self._loop is not None, "Ledger.start() was not called"
-        future: asyncio.Future[None] = self._loop.create_future()
+        future: asyncio.Future[bool | None] = self._loop.create_future()
         reserved = None
         if row.prompt_estimate is not None or row.output_estimate is not None:
             reserved = (row.prompt_estimate or 0) + (row.output_estimate or 0)
-        params = (
+        params: tuple[Any, ...] = (
             row.id,
             row.key_id,
             row.model,
@@ -197,8 +207,11 @@ class Ledger:
             reserved,
             self.instance,
         )
-        self._put((_INSERT, params, future))
-        await future
+        if version is not None and not self._postgres:
+            self._put((_INSERT_IF_CURRENT, (*params, version), future))
+        else:
+            self._put((_INSERT, params, future))
+        return (await future) is not False
 
     def settle(self, s: Settlement) -> None:
         """Queue the settlement; never blocks and never raises (safe in ``finally`` and on cancel)."""
@@ -262,25 +275,36 @@ class Ledger:
 
     def _write(self, conn: Any, batch: list[Op]) -> None:
         t0 = time.perf_counter()
+        # For each operation someone waits on: whether a conditional insert wrote its row.
+        written: dict[int, bool] = {}
         try:
             conn.execute("BEGIN")
-            for sql, params, _ in batch:
-                conn.execute(sql, params)
+            for i, (sql, params, future) in enumerate(batch):
+                cursor = conn.execute(sql, params)
+                if future is not None and sql is _INSERT_IF_CURRENT:
+                    written[i] = cursor.rowcount > 0
             conn.execute("COMMIT")
             errors: dict[int, BaseException] = {}
         except Exception:
             conn.execute("ROLLBACK")
             # One bad operation must not sink its neighbours: retry them one by one.
             errors = {}
-            for i, (sql, params, _) in enumerate(batch):
+            written = {}
+            for i, (sql, params, future) in enumerate(batch):
                 try:
-                    conn.execute(sql, params)
+                    cursor = conn.execute(sql, params)
+                    if future is not None and sql is _INSERT_IF_CURRENT:
+                        written[i] = cursor.rowcount > 0
                 except Exception as err:
                     log.error("ledger write failed: %s (%s)", err, params)
                     errors[i] = err
         if self._on_commit is not None:
             self._on_commit(time.perf_counter() - t0, len(batch))
-        waiting = [(future, errors.get(i)) for i, (_, _, future) in enumerate(batch) if future is not None]
+        waiting = [
+            (future, errors.get(i), written.get(i, True))
+            for i, (_, _, future) in enumerate(batch)
+            if future is not None
+        ]
         if waiting:
             assert self._loop is not None
             # One wake-up of the event loop for the whole batch; a closed loop means nobody
@@ -352,11 +376,11 @@ def _recover(
     return recovered
 
 
-def _resolve_all(waiting: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:
-    for future, exc in waiting:
+def _resolve_all(waiting: list[tuple[asyncio.Future[Any], BaseException | None, bool]]) -> None:
+    for future, exc, written in waiting:
         if future.done():
             continue
         if exc is None:
-            future.set_result(None)
+            future.set_result(written)
         else:
             future.set_exception(exc)

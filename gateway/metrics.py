@@ -183,6 +183,12 @@ class Metrics:
             self._counts[self.in_flight] = self._counts.get(self.in_flight, 0) + 1
         self._schedule()
 
+    def abandoned(self) -> None:
+        """A ``started`` request that will not be served after all (it starts over)."""
+        with self._lock:
+            self._counts[self.in_flight] = self._counts.get(self.in_flight, 0) - 1
+        self._schedule()
+
     def record(
         self,
         *,

@@ -107,19 +107,20 @@ class PriceBook:
         row = self._db.execute(_AT, [model or DEFAULT_MODEL, DEFAULT_MODEL, when, DEFAULT_MODEL]).fetchone()
         return Price(*row) if row else FREE
 
-    async def price_at(self, model: str | None, when: float) -> Price:
+    async def price_at(self, model: str | None, when: float, version: int | None = None) -> Price:
         """:meth:`at` for the request path: cached while the config version holds, else one
-        read (never a blocking round trip on PostgreSQL)."""
+        read (never a blocking round trip on PostgreSQL). ``version``: the one the request's key
+        was read under, checked when its pending row is committed (else the version now)."""
         name = model or DEFAULT_MODEL
         if self._version is None:
             row = await self._db.afetchone(_AT, [name, DEFAULT_MODEL, when, DEFAULT_MODEL])
             return Price(*row) if row else FREE
-        version = self._version.current()
-        hit = self._cache.get(name, version)
+        hit = self._cache.get(name, version if version is not None else self._version.current())
         if hit is None:
+            read_under = self._version.current()  # before the rows, as for keys
             rows = [Price(*row) for row in self._db.execute(_HISTORY_OF, [name, DEFAULT_MODEL]).fetchall()]
             hit = ([p for p in rows if p.model == name], [p for p in rows if p.model == DEFAULT_MODEL])
-            self._cache.put(name, version, hit)
+            self._cache.put(name, read_under, hit)
         own, default = hit
         return _in_force(own, when) or _in_force(default, when) or FREE
 

@@ -23,7 +23,7 @@ from gateway.accounting.accountant import Accountant, Accounting, UnknownModel, 
 from gateway.accounting.encoders import TokenizerFileError
 from gateway.accounting.types import FormatError
 from gateway.asgi import ClientGone, header, read_body, send_error
-from gateway.auth import PRINCIPAL
+from gateway.auth import PRINCIPAL, StaleConfiguration
 from gateway.errors import GatewayError, InvalidRequest, QuotaExceeded, UpstreamError, UpstreamTimeout
 from gateway.keys import Principal
 from gateway.ledger import Ledger, PendingRow, Settlement, new_request_id
@@ -74,12 +74,14 @@ class Proxy:
         accountant: Accountant,
         metrics: Metrics,
         quota: QuotaStore,
-        prices: Callable[[str | None, float], Awaitable[Price]],
+        prices: Callable[[str | None, float, int | None], Awaitable[Price]],
         default_max_tokens: int = 1024,
         backend_counts_tools: bool = True,
         emulate_tool_streams: bool = True,
         rules: ChatRules | None = None,
+        config_version: Callable[[], int | None] = lambda: None,
     ) -> None:
+        self.config_version = config_version  # the configuration version now (read afresh)
         self.emulate_tool_streams = emulate_tool_streams
         self.rules = rules or ChatRules()
         self.client = client
@@ -140,7 +142,7 @@ class Proxy:
         t0 = time.perf_counter()
         started_at = time.time()
         method: str = scope["method"]
-        body = b""
+        body = raw_body = b""
         model: str | None = None
         stream = strip_usage = False
         meter: _Metering | None = None
@@ -149,7 +151,7 @@ class Proxy:
         payload: dict[str, Any] = {}
         fast_json = True
         if method == "POST":
-            body = await read_body(receive, self.max_body_bytes, header(scope, b"content-length"))
+            body = raw_body = await read_body(receive, self.max_body_bytes, header(scope, b"content-length"))
             payload, fast_json = parse_document(body)
             model = require_model(payload, required=spec.needs_model)
             stream = stream_flag(payload)
@@ -170,7 +172,7 @@ class Proxy:
             modified = strip_usage = _ask_for_stream_usage(payload)
 
         limits = principal.limits
-        price = await self.prices(model, started_at) if method == "POST" else None
+        price = await self.prices(model, started_at, principal.version) if method == "POST" else None
         demand = Demand(0, 0)
         counted: Accounting | None = None
         if limits.budgets_tokens and method == "POST":
@@ -203,6 +205,9 @@ class Proxy:
             result = await self.quota.reserve(principal.key_id, limits, demand, now)
             rate_headers = rate_limit_headers(await self.quota.windows(principal.key_id, limits, now), now)
             if isinstance(result, Rejection):
+                if principal.version is not None and principal.version != self.config_version():
+                    # Refused under limits or prices that changed since: decide again, afresh.
+                    raise StaleConfiguration(raw_body)
                 raise QuotaExceeded.from_rejection(result, rate_headers)
             reservation = result
 
@@ -218,9 +223,10 @@ class Proxy:
         served = False
         timings = Timings()
         backend_error: str | None = None
+        stale = False
         self.metrics.started()
         try:
-            await self.ledger.pending(
+            written = await self.ledger.pending(
                 PendingRow(
                     request_id,
                     principal.key_id,
@@ -232,8 +238,13 @@ class Proxy:
                     output_estimate=max_out
                     if max_out is not None
                     else (self.default_max_tokens if spec.generates else 0),
-                )
+                ),
+                version=principal.version,
             )
+            if not written:
+                # The key or price changed since they were read: nothing written, nothing sent.
+                stale = True
+                raise StaleConfiguration(raw_body)
             if to_count is not None:
                 # Counting overlaps the backend's work: it runs once the request is on its way.
                 counting = asyncio.create_task(self._count(*to_count))
@@ -263,41 +274,48 @@ class Proxy:
             settlement.error = settlement.error or f"interrupted: {type(exc).__name__}"
             raise
         finally:
-            if counting is not None and not counting.done():
-                counting.cancel()
-            settlement.duration_ms = (time.perf_counter() - t0) * 1000
-            used = (settlement.prompt_tokens or 0) + (settlement.completion_tokens or 0) if served else 0
-            if served and price is not None:
-                settlement.cost_micros = price.cost(
-                    input_tokens=settlement.prompt_tokens or 0,
-                    tool_tokens=settlement.tool_tokens or 0,
-                    output_tokens=settlement.completion_tokens or 0,
+            if stale:
+                # Admitted under a configuration that changed: release what was held; the
+                # request starts over (gateway.auth) and is counted then.
+                if reservation is not None:
+                    self.quota.settle(reservation, 0, 0, time.time())
+                self.metrics.abandoned()
+            else:
+                if counting is not None and not counting.done():
+                    counting.cancel()
+                settlement.duration_ms = (time.perf_counter() - t0) * 1000
+                used = (settlement.prompt_tokens or 0) + (settlement.completion_tokens or 0) if served else 0
+                if served and price is not None:
+                    settlement.cost_micros = price.cost(
+                        input_tokens=settlement.prompt_tokens or 0,
+                        tool_tokens=settlement.tool_tokens or 0,
+                        output_tokens=settlement.completion_tokens or 0,
+                    )
+                if reservation is not None:
+                    self.quota.settle(reservation, used, settlement.cost_micros or 0, time.time())
+                self.ledger.settle(settlement)
+                timings.total = settlement.duration_ms / 1000
+                if timings.send_at is not None:
+                    pre = timings.send_at - t0
+                    # Streams: only the gateway's work before forwarding is its own for sure.
+                    timings.overhead = pre if stream else timings.total - (timings.backend or 0)
+                if settlement.first_byte_ms is not None:
+                    timings.first_token = settlement.first_byte_ms / 1000
+                if settlement.error and settlement.error.startswith("backend stream broke off"):
+                    backend_error = "stream_broken"
+                self.metrics.record(
+                    model=model,
+                    route=spec.upstream_path,
+                    status=settlement.status,
+                    prompt_tokens=settlement.prompt_tokens,
+                    tool_tokens=settlement.tool_tokens,
+                    completion_tokens=settlement.completion_tokens,
+                    difference=meter.difference if meter is not None else None,
+                    cost_micros=settlement.cost_micros,
+                    key=principal.name,
+                    timings=timings,
+                    error=backend_error,
                 )
-            if reservation is not None:
-                self.quota.settle(reservation, used, settlement.cost_micros or 0, time.time())
-            self.ledger.settle(settlement)
-            timings.total = settlement.duration_ms / 1000
-            if timings.send_at is not None:
-                pre = timings.send_at - t0
-                # Streams: only the gateway's work before forwarding is its own for sure.
-                timings.overhead = pre if stream else timings.total - (timings.backend or 0)
-            if settlement.first_byte_ms is not None:
-                timings.first_token = settlement.first_byte_ms / 1000
-            if settlement.error and settlement.error.startswith("backend stream broke off"):
-                backend_error = "stream_broken"
-            self.metrics.record(
-                model=model,
-                route=spec.upstream_path,
-                status=settlement.status,
-                prompt_tokens=settlement.prompt_tokens,
-                tool_tokens=settlement.tool_tokens,
-                completion_tokens=settlement.completion_tokens,
-                difference=meter.difference if meter is not None else None,
-                cost_micros=settlement.cost_micros,
-                key=principal.name,
-                timings=timings,
-                error=backend_error,
-            )
 
     async def _count(self, model: str, messages: Any, tools: Any, size: int) -> Accounting | None:
         """The gateway's own count of the request, or None when it cannot count this model."""
