@@ -47,10 +47,6 @@ class ConfigVersion:
         """The last version read, without reading (a proxied request checks it at commit)."""
         return self._known if self._known is not None else self.current()
 
-    def moved(self) -> None:
-        """A commit found the version changed: the next :meth:`known` reads it again."""
-        self._known = None
-
     def current(self) -> int:
         """The version now (memoised until the event loop's next iteration)."""
         if self._memo is not None:

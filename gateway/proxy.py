@@ -278,7 +278,7 @@ class Proxy:
                 # Admitted under a configuration that changed: release what was held; the
                 # request starts over (gateway.auth) and is counted then.
                 if reservation is not None:
-                    self.quota.settle(reservation, 0, 0, time.time())
+                    self.quota.cancel(reservation, time.time())
                 self.metrics.abandoned()
             else:
                 if counting is not None and not counting.done():
