@@ -58,7 +58,11 @@ def _query(name: str, schema: dict[str, Any], description: str = "") -> dict[str
 
 
 _USAGE_PARAMS = [
-    _query("start_time", {"type": "integer"}, "unix seconds; default: 7 days before end_time"),
+    _query(
+        "start_time",
+        {"type": "integer"},
+        "unix seconds; default: the start of the 7 UTC days up to end_time, its own day included",
+    ),
     _query("end_time", {"type": "integer"}, "unix seconds; default: now"),
     _query("bucket_width", {"type": "string", "enum": ["1m", "1h", "1d"]}),
     _query("group_by", {"type": "string"}, "model (admin: model,key)"),

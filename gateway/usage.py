@@ -46,7 +46,9 @@ class Query:
         if width not in WIDTHS:
             raise InvalidRequest("bucket_width must be one of 1m, 1h, 1d.", param="bucket_width")
         end = _int_param(params, "end_time", int(now))
-        start = _int_param(params, "start_time", end - WEEK)
+        # By default the last 7 UTC days, today included: the first page (7 daily buckets by
+        # default) ends with the current day instead of leaving it to a second page.
+        start = _int_param(params, "start_time", _align(end - 1, "1d") - WEEK + 86400)
         if start < 0 or end <= start:
             raise InvalidRequest(
                 "start_time must be before end_time (unix seconds, not negative).", param="start_time"

@@ -19,6 +19,7 @@ from gateway.db import open_db
 from gateway.keys import KeyStore, load_key_secret
 from gateway.ledger import Ledger, PendingRow, Settlement
 from gateway.settings import Settings
+from gateway.usage import Query
 from tests.conftest import ENGINES, settled_rows
 
 
@@ -239,3 +240,20 @@ def test_rollup_matches_raw_rows(setup: Any) -> None:
         "SELECT count(*), sum(prompt_tokens), sum(cost_micros) FROM requests WHERE prompt_tokens IS NOT NULL"
     ).fetchone()
     assert tuple(rolled) == tuple(raw)
+
+
+@pytest.mark.parametrize("hour", [0, 13.5, 23.99])
+def test_the_default_window_is_the_last_seven_days_with_today_on_the_first_page(hour: float) -> None:
+    """Without start_time, a customer's first page of daily buckets ends with today."""
+    midnight = calendar.timegm((2026, 11, 24, 0, 0, 0))
+    now = midnight + hour * 3600
+    q = Query.parse({}, now=now)
+    starts = list(range(q.start_time, q.end_time, 86400))
+    assert len(starts) == q.limit == 7
+    if hour:
+        assert starts[-1] == midnight  # today, on the first page
+    else:
+        assert starts[-1] == midnight - 86400  # end_time is exclusive: at midnight, yesterday
+    # An explicit end_time at a midnight covers the 7 days before it.
+    explicit = Query.parse({"end_time": str(midnight)}, now=now + 86400 * 3)
+    assert explicit.start_time == midnight - 7 * 86400
