@@ -275,36 +275,25 @@ class Ledger:
 
     def _write(self, conn: Any, batch: list[Op]) -> None:
         t0 = time.perf_counter()
-        # For each operation someone waits on: whether a conditional insert wrote its row.
-        written: dict[int, bool] = {}
+        errors: dict[int, BaseException] = {}
         try:
             conn.execute("BEGIN")
-            for i, (sql, params, future) in enumerate(batch):
-                cursor = conn.execute(sql, params)
-                if future is not None and sql is _INSERT_IF_CURRENT:
-                    written[i] = cursor.rowcount > 0
+            written = [_apply(conn, op) for op in batch]
             conn.execute("COMMIT")
-            errors: dict[int, BaseException] = {}
         except Exception:
             conn.execute("ROLLBACK")
             # One bad operation must not sink its neighbours: retry them one by one.
-            errors = {}
-            written = {}
-            for i, (sql, params, future) in enumerate(batch):
+            written = []
+            for i, op in enumerate(batch):
                 try:
-                    cursor = conn.execute(sql, params)
-                    if future is not None and sql is _INSERT_IF_CURRENT:
-                        written[i] = cursor.rowcount > 0
+                    written.append(_apply(conn, op))
                 except Exception as err:
-                    log.error("ledger write failed: %s (%s)", err, params)
+                    log.error("ledger write failed: %s (%s)", err, op[1])
                     errors[i] = err
+                    written.append(False)
         if self._on_commit is not None:
             self._on_commit(time.perf_counter() - t0, len(batch))
-        waiting = [
-            (future, errors.get(i), written.get(i, True))
-            for i, (_, _, future) in enumerate(batch)
-            if future is not None
-        ]
+        waiting = [(op[2], errors.get(i), written[i]) for i, op in enumerate(batch) if op[2] is not None]
         if waiting:
             assert self._loop is not None
             # One wake-up of the event loop for the whole batch; a closed loop means nobody
@@ -374,6 +363,13 @@ def _recover(
                 db.execute(rollup, [request_id])
                 recovered += 1
     return recovered
+
+
+def _apply(conn: Any, op: Op) -> bool:
+    """Run one operation; whether it wrote (only a conditional insert may not)."""
+    sql, params, _ = op
+    cursor = conn.execute(sql, params)
+    return cursor.rowcount > 0 if sql is _INSERT_IF_CURRENT else True
 
 
 def _resolve_all(waiting: list[tuple[asyncio.Future[Any], BaseException | None, bool]]) -> None:

@@ -179,15 +179,11 @@ class Metrics:
 
     def started(self) -> None:
         """A proxied request is being served (``gateway_requests_in_flight``)."""
-        with self._lock:
-            self._counts[self.in_flight] = self._counts.get(self.in_flight, 0) + 1
-        self._schedule()
+        self._tally([(self.in_flight, 1)], ())
 
     def abandoned(self) -> None:
         """A ``started`` request that will not be served after all (it starts over)."""
-        with self._lock:
-            self._counts[self.in_flight] = self._counts.get(self.in_flight, 0) - 1
-        self._schedule()
+        self._tally([(self.in_flight, -1)], ())
 
     def record(
         self,
