@@ -87,9 +87,9 @@ class _Holder:
     def version_now(self) -> int | None:
         return self.version.current() if self.version is not None else None
 
-    async def authenticate(self, key: str, *, checked_at_commit: bool = False) -> Principal | None:
+    async def authenticate(self, key: str) -> Principal | None:
         assert self.keys is not None, "the app's lifespan has not started"
-        return await self.keys.authenticate(key, checked_at_commit=checked_at_commit)
+        return await self.keys.authenticate(key)
 
     def price_book(self) -> PriceBook:
         assert self.prices is not None, "the app's lifespan has not started"
@@ -215,9 +215,7 @@ def create_app(
     app.add_middleware(AuthMiddleware, authenticate=holder.authenticate)
     app.add_middleware(AdminAuthMiddleware, token=settings.admin_token, authenticate=holder.authenticate)
     fast: dict[tuple[str, str], ASGIApp] = {
-        (method, path): AuthMiddleware(
-            proxy.endpoint(spec), authenticate=holder.authenticate, checked_at_commit=True
-        )
+        (method, path): AuthMiddleware(proxy.endpoint(spec), authenticate=holder.authenticate)
         for path, spec, method in PROXY_ROUTES
         if "{" not in path
     }

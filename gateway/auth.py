@@ -4,10 +4,9 @@ Requests under the guarded prefixes must carry ``Authorization: Bearer <key>`` f
 key; anything else gets a 401 here and never reaches a handler, let alone the backend.
 The principal is left in ``scope["gateway.principal"]``.
 
-In front of the proxy (``checked_at_commit``), a cached key is used without reading the
-configuration version: the proxy commits the request's pending row only if the version still
-holds, and otherwise raises :class:`StaleConfiguration` before anything was sent or forwarded.
-The request then starts over here, with the key read afresh and the body it already sent.
+A request the proxy was about to refuse under limits or prices that changed since its key was
+read raises :class:`StaleConfiguration` before anything was sent, held or forwarded: it starts
+over here, with the key read afresh and the body it already sent.
 """
 
 from __future__ import annotations
@@ -32,8 +31,8 @@ Authenticate = Callable[..., Awaitable[Principal | None]]
 
 
 class StaleConfiguration(Exception):
-    """The key or price a request was admitted with changed before its pending row committed;
-    nothing was written or forwarded. Carries the body already read, to start over with."""
+    """The key or price a request was judged by changed before it was admitted; nothing was
+    written, held or forwarded. Carries the body already read, to start over with."""
 
     def __init__(self, body: bytes) -> None:
         super().__init__("the configuration changed while the request was admitted")
@@ -47,12 +46,10 @@ class AuthMiddleware:
         *,
         authenticate: Authenticate,
         prefixes: tuple[str, ...] = ("/v1/",),
-        checked_at_commit: bool = False,
     ) -> None:
         self.app = app
         self.authenticate = authenticate
         self.prefixes = prefixes
-        self.checked_at_commit = checked_at_commit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(self.prefixes):
@@ -71,9 +68,8 @@ class AuthMiddleware:
         scheme, _, key = raw.decode("latin-1").partition(" ")
         key = key.strip()
         bearer = scheme.lower() == "bearer"
-        checked_at_commit = self.checked_at_commit
         for _ in range(MAX_RESTARTS + 1):
-            principal = await self.authenticate(key, checked_at_commit=checked_at_commit) if bearer else None
+            principal = await self.authenticate(key) if bearer else None
             if principal is None:
                 await send_error(
                     send,
@@ -87,7 +83,6 @@ class AuthMiddleware:
                 return
             except StaleConfiguration as stale:
                 receive = _replay(stale.body, receive)
-                checked_at_commit = False  # read the version afresh this time
         await send_error(
             send, ServiceUnavailable("The gateway's configuration kept changing; retry the request.")
         )

@@ -204,13 +204,10 @@ class KeyStore:
     def list(self) -> list[KeyInfo]:
         return [_info(row) for row in self._db.execute(_SELECT + _FROM + " ORDER BY k.id").fetchall()]
 
-    async def authenticate(self, key: str, *, checked_at_commit: bool = False) -> Principal | None:
-        """The active key's principal, or None. Malformed keys never reach the database.
-
-        ``checked_at_commit``: the caller commits only if the principal's ``version`` still holds
-        (a proxied request's pending row), so a cached key is used without reading the version."""
+    async def authenticate(self, key: str) -> Principal | None:
+        """The active key's principal, or None. Malformed keys never reach the database."""
         if self._version is not None:
-            version = self._version.known() if checked_at_commit else self._version.current()
+            version = self._version.current()
             # Keyed by the key itself: a hit costs a dict lookup, not an HMAC (OpenSSL's, cold
             # in the CPU's caches between requests, cost a twentieth of a request).
             hit = self._cache.get(key, version)

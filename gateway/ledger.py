@@ -1,15 +1,20 @@
 """The durable usage ledger: one row per request that reaches the backend.
 
-Life of a row: ``pending`` is written and committed *before* the request is forwarded, so a
-request the backend may serve is on disk even if the gateway is killed a moment later; it is
-``settled`` with the backend's usage afterwards; rows still pending when a gateway starts are
-marked ``recovered`` (billed as estimates) by :meth:`Ledger.recover`.
+Life of a row: ``pending`` is made durable *before* the request is forwarded, so a request the
+backend may serve survives the gateway being killed a moment later; it is ``settled`` with the
+backend's usage afterwards; rows still pending when a gateway starts are marked ``recovered``
+(billed as estimates) by :meth:`Ledger.recover`.
 
-All writes go through one writer thread that commits in batches (group commit): the event
-loop never touches the disk for a write, and a burst of requests shares one commit. A batch of
-settlements alone (nobody waits on it) lingers up to :data:`SETTLE_LINGER` seconds for the next
-pending row, so that sequential requests cost one commit each, not two; a process killed in
-that moment leaves those rows pending, recovered at the next start like any other.
+On SQLite the pending record is a line appended to the ledger's journal (:mod:`gateway.journal`,
+one system call, as durable as a commit here), and the request goes on at once; one writer
+thread puts rows into the database behind the requests, in batches: it wakes at the first
+operation, lets :data:`LINGER` seconds of them gather, and commits them together. A request
+that settled within the batch is inserted settled (one row written, not written and updated). A
+process killed within that moment leaves its pending rows in the journal and its settlements
+unwritten: the next start replays the journal, and recovers those rows like any other.
+
+Without a journal (an in-memory database) and on PostgreSQL, :meth:`Ledger.pending` waits for
+its row's commit instead, and the event loop never touches the disk for a write either way.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import contextlib
 import logging
 import queue
 import random
+import sqlite3
 import threading
 import time
 import uuid
@@ -27,13 +33,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.db import ROLLUP_UPSERT, SQLITE, SQLiteDatabase, is_postgres, open_db
+from gateway.errors import LedgerUnavailable
+from gateway.journal import Journal
 
 __all__ = ["Ledger", "PendingRow", "Settlement", "new_request_id"]
 
 log = logging.getLogger("gateway.ledger")
 
 MAX_BATCH = 1024
-SETTLE_LINGER = 0.02
+# How long the writer lets operations gather before a commit that nobody waits for: a kill
+# within it leaves the batch's settlements unwritten (their rows are recovered as estimates).
+LINGER = 0.02
+# How long a batch is retried while the database refuses writes (locked by another process
+# beyond its busy timeout, disk full) before its operations are tried one by one and the
+# failures dropped (their journal is kept for the next start).
+WRITE_PATIENCE = 30.0
 _STOP = object()
 
 
@@ -81,12 +95,12 @@ _INSERT = (
     "INSERT INTO requests (id, key_id, model, route, stream, state, started_at, prompt_tokens, "
     "reserved_tokens, owner) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
 )
-# The pending row of a request whose key and price came from caches: written only while the
-# configuration version is the one they were read under (see gateway/config_version.py).
-_INSERT_IF_CURRENT = (
-    "INSERT INTO requests (id, key_id, model, route, stream, state, started_at, prompt_tokens, "
-    "reserved_tokens, owner) SELECT ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ? "
-    "WHERE (SELECT n FROM config_version) = ? ON CONFLICT (id) DO NOTHING"
+# A request pending and settled within one batch: the row it would have become, in one write.
+_INSERT_SETTLED = (
+    "INSERT INTO requests (id, key_id, model, route, stream, started_at, owner, state, status, "
+    "upstream_ms, first_byte_ms, duration_ms, prompt_tokens, completion_tokens, tool_tokens, "
+    "estimated, error, counted_prompt_tokens, cost_micros, reserved_tokens) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, 'settled', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
 )
 _SETTLE = (
     "UPDATE requests SET state = 'settled', status = ?, upstream_ms = ?, first_byte_ms = ?, "
@@ -110,7 +124,8 @@ _SETTLE_ROLLUP_PG = (
     "WHERE prompt_tokens IS NOT NULL OR completion_tokens IS NOT NULL {upsert}"
 )
 
-Op = tuple[str, tuple[Any, ...], "asyncio.Future[Any] | None"]
+# SQLite's queue: (statement, parameters, who waits for its commit, journal segment of a pending row).
+Op = tuple[str, tuple[Any, ...], "asyncio.Future[Any] | None", int | None]
 
 
 class Ledger:
@@ -141,6 +156,7 @@ class Ledger:
         self._settle_sql = _SETTLE
         self._rollup_sql = SQLITE.rollup()
         self.replica_timeout = replica_timeout
+        self._journal = Journal(target + "-ledger") if not self._postgres and target != ":memory:" else None
 
     @property
     def queue_depth(self) -> int:
@@ -160,9 +176,27 @@ class Ledger:
         self._cost = cost
         db = open_db(self._target)
         try:
+            self._replay(db)
             return _recover(db, cost, time.time() - self.replica_timeout if self._postgres else None)
         finally:
             db.close()
+
+    def _replay(self, db: Any) -> int:
+        """Put the journal's rows that never reached the database in as pending, then delete the
+        journal. Returns how many rows were missing."""
+        if self._journal is None or not self._journal.segments():
+            return 0
+        missing = 0
+        with db.transaction():
+            for entry in self._journal.entries():
+                try:
+                    missing += db.execute(_INSERT, entry).rowcount
+                except Exception as exc:  # a line this gateway cannot write stays unbillable
+                    log.error("cannot replay a journaled pending row: %s (%s)", exc, entry)
+        self._journal.remove_all()
+        if missing:
+            log.warning("replayed %d pending row(s) from the ledger's journal", missing)
+        return missing
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -177,6 +211,9 @@ class Ledger:
             return
         db = open_db(self._target, check_same_thread=False)
         assert isinstance(db, SQLiteDatabase)
+        if self._journal is not None:
+            self._replay(db)  # rows a caller that skipped recover() would otherwise leave behind
+            self._journal.open()
         self._thread = threading.Thread(target=self._run, args=(db,), name="ledger-writer", daemon=True)
         self._thread.start()
 
@@ -186,53 +223,28 @@ class Ledger:
         else:
             self._queue.put(op)
 
-    async def pending(self, row: PendingRow, *, version: int | None = None) -> bool:
-        """Write the pending row and wait until it is committed; True if it was written.
+    async def pending(self, row: PendingRow) -> None:
+        """Make the pending row durable: journaled (SQLite), or committed (no journal, PostgreSQL).
 
-        With ``version`` (SQLite only), the row is written only if the configuration version is
-        still that one when it commits; False means it moved, and nothing was written."""
+        Raises :class:`LedgerUnavailable` if it cannot be: the request must not be forwarded."""
         assert self._loop is not None, "Ledger.start() was not called"
-        future: asyncio.Future[bool | None] = self._loop.create_future()
-        reserved = None
-        if row.prompt_estimate is not None or row.output_estimate is not None:
-            reserved = (row.prompt_estimate or 0) + (row.output_estimate or 0)
-        params: tuple[Any, ...] = (
-            row.id,
-            row.key_id,
-            row.model,
-            row.route,
-            int(row.stream),
-            row.started_at,
-            row.prompt_estimate,
-            reserved,
-            self.instance,
-        )
-        if version is not None and not self._postgres:
-            self._put((_INSERT_IF_CURRENT, (*params, version), future))
-        else:
-            self._put((_INSERT, params, future))
-        return (await future) is not False
+        params = pending_params(row, self.instance)
+        if self._journal is not None:
+            try:
+                segment = self._journal.append(params)
+            except OSError as exc:
+                log.error("cannot journal a pending row: %s", exc)
+                raise LedgerUnavailable("The usage ledger is unavailable; retry shortly.") from exc
+            self._queue.put((_INSERT, params, None, segment))
+            return
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._put((_INSERT, params, future) if self._postgres else (_INSERT, params, future, None))
+        await future
 
     def settle(self, s: Settlement) -> None:
         """Queue the settlement; never blocks and never raises (safe in ``finally`` and on cancel)."""
-        params = (
-            s.status,
-            s.upstream_ms,
-            s.first_byte_ms,
-            s.duration_ms,
-            s.prompt_tokens,
-            s.completion_tokens,
-            s.tool_tokens,
-            int(s.estimated),
-            s.error,
-            s.counted_prompt_tokens,
-            s.cost_micros,
-            s.reserved_tokens,
-            s.id,
-        )
-        self._put((self._settle_sql, params, None))
-        if not self._postgres:
-            self._put((self._rollup_sql, (s.id,), None))
+        params = settle_params(s)
+        self._put((self._settle_sql, params, None) if self._postgres else (_SETTLE, params, None, None))
 
     async def close(self) -> None:
         """Commit everything queued, then stop the writer."""
@@ -244,6 +256,8 @@ class Ledger:
             self._put(_STOP)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+            if self._journal is not None:
+                self._journal.close(committed=True)
 
     # SQLite: the writer thread
     def _run(self, db: SQLiteDatabase) -> None:
@@ -251,19 +265,26 @@ class Ledger:
         stop = False
         while not stop:
             batch = [self._queue.get()]
-            self._drain(batch)
-            if all(op is not _STOP and op[2] is None for op in batch):
-                try:
-                    batch.append(self._queue.get(timeout=SETTLE_LINGER))
-                except queue.Empty:
-                    pass
-                else:
-                    self._drain(batch)
+            if self._journal is not None:
+                # Nobody waits for this commit: let the batch gather (and the event loop's puts
+                # find no sleeping thread to wake).
+                if batch[0] is not _STOP:
+                    time.sleep(LINGER)
+                self._drain(batch)
+            else:
+                self._drain(batch)
+                if all(op is not _STOP and op[2] is None for op in batch):
+                    try:
+                        batch.append(self._queue.get(timeout=LINGER))
+                    except queue.Empty:
+                        pass
+                    else:
+                        self._drain(batch)
             if _STOP in batch:
                 stop = True
                 batch = [op for op in batch if op is not _STOP]
             if batch:
-                self._write(conn, batch)
+                self._write(conn, _coalesce(batch))
         conn.close()
 
     def _drain(self, batch: list[Any]) -> None:
@@ -276,24 +297,42 @@ class Ledger:
     def _write(self, conn: Any, batch: list[Op]) -> None:
         t0 = time.perf_counter()
         errors: dict[int, BaseException] = {}
-        try:
-            conn.execute("BEGIN")
-            written = [_apply(conn, op) for op in batch]
-            conn.execute("COMMIT")
-        except Exception:
-            conn.execute("ROLLBACK")
+        rollup = self._rollup_sql
+        delay, started = 0.05, time.monotonic()
+        while True:
+            try:
+                conn.execute("BEGIN")
+                for op in batch:
+                    _apply(conn, op, rollup)
+                conn.execute("COMMIT")
+                break
+            except Exception as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                transient = isinstance(exc, sqlite3.OperationalError)  # locked, disk full, I/O
+                if transient and time.monotonic() - started < WRITE_PATIENCE:
+                    # The requests were journaled and forwarded: keep their rows, and wait.
+                    log.error("ledger write failed, retrying in %.2fs: %s", delay, exc)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
             # One bad operation must not sink its neighbours: retry them one by one.
-            written = []
             for i, op in enumerate(batch):
                 try:
-                    written.append(_apply(conn, op))
+                    _apply(conn, op, rollup)
                 except Exception as err:
                     log.error("ledger write failed: %s (%s)", err, op[1])
                     errors[i] = err
-                    written.append(False)
+            break
         if self._on_commit is not None:
             self._on_commit(time.perf_counter() - t0, len(batch))
-        waiting = [(op[2], errors.get(i), written[i]) for i, op in enumerate(batch) if op[2] is not None]
+        if self._journal is not None:
+            if any(batch[i][3] is not None for i in errors):
+                self._journal.keep = True  # the next start replays that row
+            segments = [op[3] for op in batch if op[3] is not None]
+            if segments:
+                self._journal.release_before(max(segments))
+        waiting = [(op[2], errors.get(i)) for i, op in enumerate(batch) if op[2] is not None]
         if waiting:
             assert self._loop is not None
             # One wake-up of the event loop for the whole batch; a closed loop means nobody
@@ -365,18 +404,79 @@ def _recover(
     return recovered
 
 
-def _apply(conn: Any, op: Op) -> bool:
-    """Run one operation; whether it wrote (only a conditional insert may not)."""
-    sql, params, _ = op
+def pending_params(row: PendingRow, owner: str) -> tuple[Any, ...]:
+    """The parameters of the pending row's insert (and of its journal line)."""
+    reserved = None
+    if row.prompt_estimate is not None or row.output_estimate is not None:
+        reserved = (row.prompt_estimate or 0) + (row.output_estimate or 0)
+    return (
+        row.id,
+        row.key_id,
+        row.model,
+        row.route,
+        int(row.stream),
+        row.started_at,
+        row.prompt_estimate,
+        reserved,
+        owner,
+    )
+
+
+def settle_params(s: Settlement) -> tuple[Any, ...]:
+    """The parameters of the settlement's update (the request's id last)."""
+    return (
+        s.status,
+        s.upstream_ms,
+        s.first_byte_ms,
+        s.duration_ms,
+        s.prompt_tokens,
+        s.completion_tokens,
+        s.tool_tokens,
+        int(s.estimated),
+        s.error,
+        s.counted_prompt_tokens,
+        s.cost_micros,
+        s.reserved_tokens,
+        s.id,
+    )
+
+
+def _coalesce(batch: list[Op]) -> list[Op]:
+    """The batch with each request pending and settled in it written as one settled row."""
+    pending_at: dict[str, int] = {}
+    out: list[Op] = []
+    for op in batch:
+        sql = op[0]
+        if sql is _INSERT:
+            pending_at[op[1][0]] = len(out)
+        elif sql is _SETTLE:
+            i = pending_at.pop(op[1][-1], None)
+            if i is not None:
+                pending = out[i]
+                p = pending[1]
+                params = (p[0], p[1], p[2], p[3], p[4], p[5], p[8], *op[1][:-1])
+                out[i] = (_INSERT_SETTLED, params, pending[2], pending[3])
+                continue
+        out.append(op)
+    return out
+
+
+def _apply(conn: Any, op: Op, rollup: str) -> None:
+    """Run one operation; a row that became settled is added to the daily rollup."""
+    sql, params = op[0], op[1]
     cursor = conn.execute(sql, params)
-    return cursor.rowcount > 0 if sql is _INSERT_IF_CURRENT else True
+    if cursor.rowcount > 0:
+        if sql is _SETTLE:
+            conn.execute(rollup, (params[-1],))
+        elif sql is _INSERT_SETTLED:
+            conn.execute(rollup, (params[0],))
 
 
-def _resolve_all(waiting: list[tuple[asyncio.Future[Any], BaseException | None, bool]]) -> None:
-    for future, exc, written in waiting:
+def _resolve_all(waiting: list[tuple[asyncio.Future[Any], BaseException | None]]) -> None:
+    for future, exc in waiting:
         if future.done():
             continue
         if exc is None:
-            future.set_result(written)
+            future.set_result(None)
         else:
             future.set_exception(exc)

@@ -1,6 +1,6 @@
 """Forwarding customer requests to the backend, metering each one into the ledger.
 
-A proxied request: read and check the body -> pending ledger row (committed) -> forward ->
+A proxied request: read and check the body -> pending ledger record (durable) -> forward ->
 relay the answer (whole, or event by event for streams) -> settle the row with the backend's
 usage. Settlement runs in ``finally``: whatever goes wrong after the pending row, the row is
 settled (or, if the process dies, recovered at the next start).
@@ -223,10 +223,9 @@ class Proxy:
         served = False
         timings = Timings()
         backend_error: str | None = None
-        stale = False
         self.metrics.started()
         try:
-            written = await self.ledger.pending(
+            await self.ledger.pending(
                 PendingRow(
                     request_id,
                     principal.key_id,
@@ -238,13 +237,8 @@ class Proxy:
                     output_estimate=max_out
                     if max_out is not None
                     else (self.default_max_tokens if spec.generates else 0),
-                ),
-                version=principal.version,
+                )
             )
-            if not written:
-                # The key or price changed since they were read: nothing written, nothing sent.
-                stale = True
-                raise StaleConfiguration(raw_body)
             if to_count is not None:
                 # Counting overlaps the backend's work: it runs once the request is on its way.
                 counting = asyncio.create_task(self._count(*to_count))
@@ -274,48 +268,41 @@ class Proxy:
             settlement.error = settlement.error or f"interrupted: {type(exc).__name__}"
             raise
         finally:
-            if stale:
-                # Admitted under a configuration that changed: release what was held; the
-                # request starts over (gateway.auth) and is counted then.
-                if reservation is not None:
-                    self.quota.cancel(reservation, time.time())
-                self.metrics.abandoned()
-            else:
-                if counting is not None and not counting.done():
-                    counting.cancel()
-                settlement.duration_ms = (time.perf_counter() - t0) * 1000
-                used = (settlement.prompt_tokens or 0) + (settlement.completion_tokens or 0) if served else 0
-                if served and price is not None:
-                    settlement.cost_micros = price.cost(
-                        input_tokens=settlement.prompt_tokens or 0,
-                        tool_tokens=settlement.tool_tokens or 0,
-                        output_tokens=settlement.completion_tokens or 0,
-                    )
-                if reservation is not None:
-                    self.quota.settle(reservation, used, settlement.cost_micros or 0, time.time())
-                self.ledger.settle(settlement)
-                timings.total = settlement.duration_ms / 1000
-                if timings.send_at is not None:
-                    pre = timings.send_at - t0
-                    # Streams: only the gateway's work before forwarding is its own for sure.
-                    timings.overhead = pre if stream else timings.total - (timings.backend or 0)
-                if settlement.first_byte_ms is not None:
-                    timings.first_token = settlement.first_byte_ms / 1000
-                if settlement.error and settlement.error.startswith("backend stream broke off"):
-                    backend_error = "stream_broken"
-                self.metrics.record(
-                    model=model,
-                    route=spec.upstream_path,
-                    status=settlement.status,
-                    prompt_tokens=settlement.prompt_tokens,
-                    tool_tokens=settlement.tool_tokens,
-                    completion_tokens=settlement.completion_tokens,
-                    difference=meter.difference if meter is not None else None,
-                    cost_micros=settlement.cost_micros,
-                    key=principal.name,
-                    timings=timings,
-                    error=backend_error,
+            if counting is not None and not counting.done():
+                counting.cancel()
+            settlement.duration_ms = (time.perf_counter() - t0) * 1000
+            used = (settlement.prompt_tokens or 0) + (settlement.completion_tokens or 0) if served else 0
+            if served and price is not None:
+                settlement.cost_micros = price.cost(
+                    input_tokens=settlement.prompt_tokens or 0,
+                    tool_tokens=settlement.tool_tokens or 0,
+                    output_tokens=settlement.completion_tokens or 0,
                 )
+            if reservation is not None:
+                self.quota.settle(reservation, used, settlement.cost_micros or 0, time.time())
+            self.ledger.settle(settlement)
+            timings.total = settlement.duration_ms / 1000
+            if timings.send_at is not None:
+                pre = timings.send_at - t0
+                # Streams: only the gateway's work before forwarding is its own for sure.
+                timings.overhead = pre if stream else timings.total - (timings.backend or 0)
+            if settlement.first_byte_ms is not None:
+                timings.first_token = settlement.first_byte_ms / 1000
+            if settlement.error and settlement.error.startswith("backend stream broke off"):
+                backend_error = "stream_broken"
+            self.metrics.record(
+                model=model,
+                route=spec.upstream_path,
+                status=settlement.status,
+                prompt_tokens=settlement.prompt_tokens,
+                tool_tokens=settlement.tool_tokens,
+                completion_tokens=settlement.completion_tokens,
+                difference=meter.difference if meter is not None else None,
+                cost_micros=settlement.cost_micros,
+                key=principal.name,
+                timings=timings,
+                error=backend_error,
+            )
 
     async def _count(self, model: str, messages: Any, tools: Any, size: int) -> Accounting | None:
         """The gateway's own count of the request, or None when it cannot count this model."""

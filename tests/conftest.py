@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 
 from gateway.app import create_app
-from gateway.db import open_db
+from gateway.db import is_postgres, open_db
 from gateway.emulator.app import create_emulator_app
 from gateway.emulator.seed import SEED_MESSAGES, SEED_MODEL, SEED_TOOLS
+from gateway.journal import Journal
 from gateway.keys import KeyStore, load_key_secret
 from gateway.settings import Settings
 from tests.servers import ServerThread
@@ -124,13 +125,17 @@ def ledger_rows(db_path: str) -> list[dict[str, Any]]:
 
 
 def settled_rows(db_path: str, timeout: float = 10) -> list[dict[str, Any]]:
-    """The ledger once no row is pending: a settlement is committed just after its response
-    (and may wait up to the ledger's linger for company), so a running gateway's rows are read
-    through this."""
+    """The ledger once every request it knows of is settled: a running gateway writes a row a
+    few tens of milliseconds after its response (the ledger's writer lets a batch gather), so
+    its rows are read through this. On SQLite every forwarded request is first a line of the
+    ledger's journal: each must be in the database, none pending."""
     deadline = time.monotonic() + timeout
+    journal = None if is_postgres(db_path) else Journal(db_path + "-ledger")
     while True:
         rows = ledger_rows(db_path)
-        if all(r["state"] != "pending" for r in rows) or time.monotonic() > deadline:
+        known = {r["id"] for r in rows}
+        journaled = {entry[0] for entry in journal.entries()} if journal is not None else set()
+        if (journaled <= known and all(r["state"] != "pending" for r in rows)) or time.monotonic() > deadline:
             return rows
         time.sleep(0.02)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -11,6 +12,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
+from gateway.db import open_db
+from gateway.journal import Journal
+from gateway.keys import KeyStore, load_key_secret
 from gateway.settings import Settings
 from tests.conftest import SEED_MESSAGES, SEED_MODEL, SEED_TOOLS, settled_rows
 
@@ -171,6 +175,33 @@ def test_every_forwarded_request_is_a_settled_ledger_row(
     assert (chat["state"], chat["status"], chat["model"]) == ("settled", 200, SEED_MODEL)
     assert (chat["prompt_tokens"], chat["completion_tokens"], chat["estimated"]) == (116, 32, 0)
     assert chat["duration_ms"] >= chat["upstream_ms"] > 0
+
+
+def test_a_journal_the_disk_refuses_is_503_never_forwarded_and_holds_nothing(
+    gateway: TestClient,
+    backend: Backend,
+    make_settings: Callable[..., Settings],
+    db_path: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pending record cannot be made durable (a full disk): the request is refused before
+    it reaches the backend, and its concurrency slot is given back."""
+    settings = make_settings()
+    db = open_db(settings.db)
+    limits = {"max_concurrent": 1, "tokens_per_day": 100_000}
+    _, key = KeyStore(db, load_key_secret(settings)).create("acme", limits=limits)
+    db.close()
+
+    def full(self: Journal, entry: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Journal, "append", full)
+        error = _assert_error(_chat(gateway, key), 503, "service_unavailable")
+        assert error["code"] == "ledger_unavailable" and backend.requests == []
+    assert _chat(gateway, key).status_code == 200  # the slot was released
+    _drain(gateway)
+    assert [r["status"] for r in settled_rows(db_path)] == [200]
 
 
 def test_backend_errors_pass_through_and_are_recorded(
