@@ -265,21 +265,19 @@ class Ledger:
         stop = False
         while not stop:
             batch = [self._queue.get()]
-            if self._journal is not None:
+            if self._journal is not None and batch[0] is not _STOP:
                 # Nobody waits for this commit: let the batch gather (and the event loop's puts
                 # find no sleeping thread to wake).
-                if batch[0] is not _STOP:
-                    time.sleep(LINGER)
-                self._drain(batch)
-            else:
-                self._drain(batch)
-                if all(op is not _STOP and op[2] is None for op in batch):
-                    try:
-                        batch.append(self._queue.get(timeout=LINGER))
-                    except queue.Empty:
-                        pass
-                    else:
-                        self._drain(batch)
+                time.sleep(LINGER)
+            self._drain(batch)
+            if self._journal is None and all(op is not _STOP and op[2] is None for op in batch):
+                # Settlements alone: wait a little for a pending row to share their commit.
+                try:
+                    batch.append(self._queue.get(timeout=LINGER))
+                except queue.Empty:
+                    pass
+                else:
+                    self._drain(batch)
             if _STOP in batch:
                 stop = True
                 batch = [op for op in batch if op is not _STOP]
@@ -298,24 +296,7 @@ class Ledger:
         t0 = time.perf_counter()
         errors: dict[int, BaseException] = {}
         rollup = self._rollup_sql
-        delay, started = 0.05, time.monotonic()
-        while True:
-            try:
-                conn.execute("BEGIN")
-                for op in batch:
-                    _apply(conn, op, rollup)
-                conn.execute("COMMIT")
-                break
-            except Exception as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                transient = isinstance(exc, sqlite3.OperationalError)  # locked, disk full, I/O
-                if transient and time.monotonic() - started < WRITE_PATIENCE:
-                    # The requests were journaled and forwarded: keep their rows, and wait.
-                    log.error("ledger write failed, retrying in %.2fs: %s", delay, exc)
-                    time.sleep(delay)
-                    delay = min(delay * 2, 2.0)
-                    continue
+        if not _commit_patiently(conn, batch, rollup):
             # One bad operation must not sink its neighbours: retry them one by one.
             for i, op in enumerate(batch):
                 try:
@@ -323,7 +304,6 @@ class Ledger:
                 except Exception as err:
                     log.error("ledger write failed: %s (%s)", err, op[1])
                     errors[i] = err
-            break
         if self._on_commit is not None:
             self._on_commit(time.perf_counter() - t0, len(batch))
         if self._journal is not None:
@@ -453,12 +433,34 @@ def _coalesce(batch: list[Op]) -> list[Op]:
             i = pending_at.pop(op[1][-1], None)
             if i is not None:
                 pending = out[i]
-                p = pending[1]
-                params = (p[0], p[1], p[2], p[3], p[4], p[5], p[8], *op[1][:-1])
+                # The pending row's columns up to started_at, its owner, then the settlement's.
+                params = (*pending[1][:6], pending[1][8], *op[1][:-1])
                 out[i] = (_INSERT_SETTLED, params, pending[2], pending[3])
                 continue
         out.append(op)
     return out
+
+
+def _commit_patiently(conn: Any, batch: list[Op], rollup: str) -> bool:
+    """Commit the batch in one transaction; False if it failed for good. A database that refuses
+    writes for a while (locked beyond its busy timeout, a full disk) is waited for, up to
+    :data:`WRITE_PATIENCE`: the batch's requests were journaled and forwarded already."""
+    delay, started = 0.05, time.monotonic()
+    while True:
+        try:
+            conn.execute("BEGIN")
+            for op in batch:
+                _apply(conn, op, rollup)
+            conn.execute("COMMIT")
+            return True
+        except Exception as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if not isinstance(exc, sqlite3.OperationalError) or time.monotonic() - started >= WRITE_PATIENCE:
+                return False
+            log.error("ledger write failed, retrying in %.2fs: %s", delay, exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def _apply(conn: Any, op: Op, rollup: str) -> None:

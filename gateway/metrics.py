@@ -181,10 +181,6 @@ class Metrics:
         """A proxied request is being served (``gateway_requests_in_flight``)."""
         self._tally([(self.in_flight, 1)], ())
 
-    def abandoned(self) -> None:
-        """A ``started`` request that will not be served after all (it starts over)."""
-        self._tally([(self.in_flight, -1)], ())
-
     def record(
         self,
         *,

@@ -12,7 +12,6 @@ Periods come from timestamps alone: UTC calendar day and month, and a sliding mi
 from __future__ import annotations
 
 import calendar
-import contextlib
 import datetime as dt
 import math
 from collections import deque
@@ -83,8 +82,6 @@ class QuotaStore(Protocol):
     ) -> Reservation | Rejection: ...
 
     def settle(self, reservation: Reservation, tokens: int, spend: int, now: float) -> None: ...
-
-    def cancel(self, reservation: Reservation, now: float) -> None: ...
 
     async def windows(self, key_id: int, limits: Limits, now: float) -> list[WindowState]: ...
 
@@ -186,15 +183,6 @@ class LocalQuota:
         if tokens:
             state.tokens.append((now, tokens))
             state.minute_tokens += tokens
-
-    def cancel(self, reservation: Reservation, now: float) -> None:
-        """Undo a reservation whose request was never forwarded (it starts over): released,
-        and out of the requests-per-minute window too, as if it had never been made."""
-        if reservation.released:
-            return
-        self.settle(reservation, 0, 0, now)
-        with contextlib.suppress(ValueError):
-            self._state(reservation.key_id, now).requests.remove(reservation.started_at)
 
     async def windows(self, key_id: int, limits: Limits, now: float) -> list[WindowState]:
         return self.windows_now(key_id, limits, now)

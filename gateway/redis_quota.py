@@ -329,23 +329,6 @@ class RedisQuota:
             return
         self._queue(self._apply(reservation, tokens, spend, now))
 
-    def cancel(self, reservation: Reservation, now: float) -> None:
-        """Undo a reservation whose request was never forwarded (it starts over): released, and
-        its entry taken out of the requests-per-minute set (best effort: if Redis refuses, the
-        set over-counts it until it ages out, within a minute)."""
-        if reservation.released:
-            return
-        unchecked = reservation.unchecked
-        self.settle(reservation, 0, 0, now)
-        if not unchecked:
-            self._queue(self._unrate(reservation))
-
-    async def _unrate(self, r: Reservation) -> None:
-        try:
-            await self._redis.zrem(self._keys(r.key_id, r.day, r.month)[3], r.id)
-        except RedisError as exc:
-            self._error("release", exc)
-
     def _queue(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)

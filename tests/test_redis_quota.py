@@ -245,29 +245,3 @@ def test_counters_lost_with_redis_are_reloaded_from_the_ledger(
     used = {w.name: w.used for w in windows}
     assert used == {"tokens_per_day": 40, "tokens_per_month": 90, "spend_per_month": 1234}
     assert isinstance(too_much, Rejection) and too_much.limit == "tokens_per_month"
-
-
-def test_a_cancelled_reservation_leaves_no_trace_in_either_store(
-    redis_server: RedisServer, prefix: str
-) -> None:
-    """A request that starts over (its configuration changed before it was forwarded) must not
-    count twice against requests per minute: with rpm 1, the retry is still admitted."""
-    limits = Limits(rpm=1, tpm=1_000)
-
-    async def run() -> list[tuple[int, int]]:
-        shared = _replica(redis_server, prefix)
-        await shared.start()
-        seen = []
-        for store in (LocalQuota(), shared):
-            first = await store.reserve(1, limits, Demand(10, 0), NOON)
-            assert isinstance(first, Reservation)
-            store.cancel(first, NOON + 0.1)
-            await asyncio.sleep(0.1)  # Redis: the queued release and removal land
-            again = await store.reserve(1, limits, Demand(10, 0), NOON + 0.2)
-            assert isinstance(again, Reservation), again
-            by_name = {w.name: w for w in await store.windows(1, limits, NOON + 0.3)}
-            seen.append((by_name["rpm"].used, by_name["tpm"].reserved))
-        await shared.aclose()
-        return seen
-
-    assert _run(run()) == [(1, 10), (1, 10)]
