@@ -93,10 +93,7 @@ class Journal:
 
     def append(self, entry: tuple[Any, ...]) -> int:
         """Write one entry; returns its segment. Raises OSError if the disk refused it."""
-        try:
-            line = orjson.dumps(entry) + b"\n"
-        except TypeError:  # e.g. a lone surrogate in a model name: json escapes it
-            line = json.dumps(entry).encode() + b"\n"
+        line = orjson.dumps(entry) + b"\n"  # text fields are valid Unicode (validation checks)
         view = memoryview(line)
         while view:
             view = view[os.write(self._fd, view) :]

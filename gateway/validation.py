@@ -73,6 +73,10 @@ def require_model(payload: dict[str, Any], *, required: bool) -> str | None:
         return None
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' is required and must be a non-empty string.", param="model")
+    try:
+        model.encode()
+    except UnicodeEncodeError:  # a lone surrogate escape: no model is named so, nor storable
+        raise InvalidRequest("'model' must be valid Unicode text.", param="model") from None
     return model
 
 

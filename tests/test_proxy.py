@@ -291,6 +291,7 @@ def test_re_encoded_request_keeps_a_lone_surrogate(gateway: TestClient, backend:
         ('{"model": "caf\u00e9"}'.encode("latin-1"), "UTF-8"),
         (b'{"messages": []}', "'model' is required"),
         (b'{"model": 5}', "'model' is required"),
+        (b'{"model": "m\\ud800", "messages": []}', "'model' must be valid Unicode"),
         (b'{"model": "m", "stream": "yes"}', "'stream' must be a boolean"),
         (b'{"model": "m", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nests too deeply"),
         (
