@@ -189,6 +189,17 @@ class Dialect:
     FROM requests WHERE id = ? AND {_BILLED}
     {ROLLUP_UPSERT}"""
 
+    def rollup_many(self) -> str:
+        """Adds the settled rows whose ids are in a JSON array to the daily rollup, in one
+        statement (SQLite's json_each): what :meth:`rollup` does for each of them."""
+        return f"""INSERT INTO usage_daily
+    SELECT key_id, {self.day_of.format("started_at")}, coalesce(model, ''), count(*),
+           sum(coalesce(prompt_tokens, 0)), sum(coalesce(tool_tokens, 0)),
+           sum(coalesce(completion_tokens, 0)), sum(coalesce(cost_micros, 0))
+    FROM requests WHERE id IN (SELECT value FROM json_each(?)) AND {_BILLED}
+    GROUP BY 1, 2, 3
+    {ROLLUP_UPSERT}"""
+
 
 SQLITE = Dialect(
     name="sqlite",

@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from gateway.db import ROLLUP_UPSERT, SQLITE, SQLiteDatabase, is_postgres, open_db
 from gateway.errors import LedgerUnavailable
 from gateway.journal import Journal
@@ -124,6 +126,8 @@ _SETTLE_ROLLUP_PG = (
     "WHERE prompt_tokens IS NOT NULL OR completion_tokens IS NOT NULL {upsert}"
 )
 
+_ROLLUP_MANY = SQLITE.rollup_many()
+
 # SQLite's queue: (statement, parameters, who waits for its commit, journal segment of a pending row).
 Op = tuple[str, tuple[Any, ...], "asyncio.Future[Any] | None", int | None]
 
@@ -154,7 +158,6 @@ class Ledger:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cost: Callable[[str | None, float, int, int], int] | None = None
         self._settle_sql = _SETTLE
-        self._rollup_sql = SQLITE.rollup()
         self.replica_timeout = replica_timeout
         self._journal = Journal(target + "-ledger") if not self._postgres and target != ":memory:" else None
 
@@ -295,12 +298,11 @@ class Ledger:
     def _write(self, conn: Any, batch: list[Op]) -> None:
         t0 = time.perf_counter()
         errors: dict[int, BaseException] = {}
-        rollup = self._rollup_sql
-        if not _commit_patiently(conn, batch, rollup):
+        if not _commit_patiently(conn, batch):
             # One bad operation must not sink its neighbours: retry them one by one.
             for i, op in enumerate(batch):
                 try:
-                    _apply(conn, op, rollup)
+                    _apply_all(conn, [op])
                 except Exception as err:
                     log.error("ledger write failed: %s (%s)", err, op[1])
                     errors[i] = err
@@ -441,7 +443,7 @@ def _coalesce(batch: list[Op]) -> list[Op]:
     return out
 
 
-def _commit_patiently(conn: Any, batch: list[Op], rollup: str) -> bool:
+def _commit_patiently(conn: Any, batch: list[Op]) -> bool:
     """Commit the batch in one transaction; False if it failed for good. A database that refuses
     writes for a while (locked beyond its busy timeout, a full disk) is waited for, up to
     :data:`WRITE_PATIENCE`: the batch's requests were journaled and forwarded already."""
@@ -449,8 +451,7 @@ def _commit_patiently(conn: Any, batch: list[Op], rollup: str) -> bool:
     while True:
         try:
             conn.execute("BEGIN")
-            for op in batch:
-                _apply(conn, op, rollup)
+            _apply_all(conn, batch)
             conn.execute("COMMIT")
             return True
         except Exception as exc:
@@ -463,15 +464,18 @@ def _commit_patiently(conn: Any, batch: list[Op], rollup: str) -> bool:
             delay = min(delay * 2, 2.0)
 
 
-def _apply(conn: Any, op: Op, rollup: str) -> None:
-    """Run one operation; a row that became settled is added to the daily rollup."""
-    sql, params = op[0], op[1]
-    cursor = conn.execute(sql, params)
-    if cursor.rowcount > 0:
-        if sql is _SETTLE:
-            conn.execute(rollup, (params[-1],))
-        elif sql is _INSERT_SETTLED:
-            conn.execute(rollup, (params[0],))
+def _apply_all(conn: Any, ops: list[Op]) -> None:
+    """Run the operations; the rows that became settled are added to the daily rollup, in one
+    statement for them all (a statement per row was two fifths of the writer's work)."""
+    settled = []
+    for sql, params, *_ in ops:
+        if conn.execute(sql, params).rowcount > 0:
+            if sql is _SETTLE:
+                settled.append(params[-1])
+            elif sql is _INSERT_SETTLED:
+                settled.append(params[0])
+    if settled:
+        conn.execute(_ROLLUP_MANY, (orjson.dumps(settled).decode(),))
 
 
 def _resolve_all(waiting: list[tuple[asyncio.Future[Any], BaseException | None]]) -> None:

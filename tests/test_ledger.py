@@ -234,9 +234,18 @@ def _ops(rng: random.Random, n: int) -> list[Any]:
     return [e[2] for e in sorted(events, key=lambda e: (e[0], e[1]))]
 
 
+def _apply_one_by_one(conn: Any, op: Any) -> None:
+    """The reference: each operation on its own, and each row that became settled rolled up."""
+    from gateway.ledger import _SETTLE
+
+    if conn.execute(op[0], op[1]).rowcount > 0 and op[0] is _SETTLE:
+        conn.execute(SQLITE.rollup(), (op[1][-1],))
+
+
 def test_a_request_settled_within_its_batch_is_written_as_if_inserted_then_settled(tmp_path: Path) -> None:
-    """The writer's coalescing changes how many rows are written, never what they hold."""
-    from gateway.ledger import _INSERT, _SETTLE, _apply, _coalesce, pending_params, settle_params
+    """The writer's coalescing and its one rollup per batch change how many statements are run,
+    never what the rows and the daily rollup hold."""
+    from gateway.ledger import _INSERT, _SETTLE, _apply_all, _coalesce, pending_params, settle_params
 
     ops = [
         (_INSERT, pending_params(e, "i"), None, None)
@@ -260,8 +269,11 @@ def test_a_request_settled_within_its_batch_is_written_as_if_inserted_then_settl
             ops_written = _coalesce(batch) if coalesce else batch
             written += len(ops_written)
             with db.transaction():
-                for op in ops_written:
-                    _apply(db.conn, op, SQLITE.rollup())
+                if coalesce:
+                    _apply_all(db.conn, ops_written)
+                else:
+                    for op in ops_written:
+                        _apply_one_by_one(db.conn, op)
         rows = [dict(r) for r in db.query("SELECT * FROM requests ORDER BY id")]
         daily = [dict(r) for r in db.query("SELECT * FROM usage_daily ORDER BY key_id, day, model")]
         results.append((rows, daily, written))

@@ -22,6 +22,7 @@ import json
 from typing import Any
 
 from gateway.accounting.encoders import Encoder
+from gateway.accounting.tool_memo import ToolMemo
 from gateway.accounting.types import Count, FormatError, Messages, Tools, text_of
 
 __all__ = ["MistralFormat", "MistralV1Format", "tools_json"]
@@ -86,7 +87,11 @@ def _aggregate(messages: Messages, keep_system: bool) -> tuple[list[_Turn], str 
         if not run:
             return
         role = run[0].get("role")
-        if role == "user" or role == "assistant":
+        if len(run) == 1 and (role == "user" or role == "assistant"):
+            # Most turns are one message (roles alternate): no lists to join.
+            only = run[0]
+            turns.append(_Turn(role, text_of(only.get("content")), [*(only.get("tool_calls") or ())]))
+        elif role == "user" or role == "assistant":
             texts = [text_of(m.get("content")) for m in run]
             calls = [c for m in run for c in (m.get("tool_calls") or [])]
             turns.append(_Turn(str(role), JOIN.join(t for t in texts if t), calls))
@@ -122,10 +127,14 @@ class MistralFormat:
         self.version = version
         self.encoder = encoder
         self.name = f"mistral-v{version}"
+        self._tools_block = ToolMemo(self._count_tools_block)
 
     def tools_block(self, tools: Tools) -> int:
-        # Delimited by control tokens, the block's count depends on the tools alone; the
-        # encoder's segment cache keeps it, since agents resend the same tools every turn.
+        # Delimited by control tokens, the block's count depends on the tools alone: it is
+        # remembered by the tools' bytes, since agents resend the same tools every turn.
+        return self._tools_block(tools)
+
+    def _count_tools_block(self, tools: Tools) -> int:
         return 2 + self.encoder.count(tools_json(tools))
 
     def count(self, messages: Messages, tools: Tools | None) -> Count:
@@ -209,6 +218,9 @@ class MistralV1Format:
     def __init__(self, encoder: Encoder) -> None:
         self.encoder = encoder
         self.name = "mistral-v1-text-tools"
+        # The rendered text itself is kept here (it is encoded next to the user's turn): only
+        # that of tool lists of a usual size.
+        self._tools_json = ToolMemo(tools_json, size=256, keep=lambda text: len(text) <= 16_384)
 
     def count(self, messages: Messages, tools: Tools | None) -> Count:
         enc = self.encoder.count
@@ -225,7 +237,7 @@ class MistralV1Format:
                 first_user = False
                 body = "[INST] " + text + " [/INST]"
                 if tools and i == last_user:
-                    block = "[AVAILABLE_TOOLS] " + tools_json(tools) + " [/AVAILABLE_TOOLS]"
+                    block = "[AVAILABLE_TOOLS] " + self._tools_json(tools) + " [/AVAILABLE_TOOLS]"
                     with_tools = enc(block + body)
                     tool_tokens = with_tools - enc(body)
                     total += with_tools

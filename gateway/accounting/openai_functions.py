@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.accounting.encoders import Encoder
+from gateway.accounting.tool_memo import ToolMemo
 from gateway.accounting.types import Count, FormatError, Messages, Tools
 
 __all__ = ["OpenAIFunctionsFormat"]
@@ -42,6 +43,7 @@ class OpenAIFunctionsFormat:
         self.encoder = encoder
         self.costs = costs
         self.name = "openai-functions"
+        self._tools = ToolMemo(self._count_tools)
 
     def count(self, messages: Messages, tools: Tools | None) -> Count:
         c = self.costs
@@ -56,7 +58,7 @@ class OpenAIFunctionsFormat:
         tool_tokens = self._tools(tools) if tools else 0
         return Count(total + tool_tokens, tool_tokens)
 
-    def _tools(self, tools: Tools) -> int:
+    def _count_tools(self, tools: Tools) -> int:
         c = self.costs
         enc = self.encoder.count
         total = 0

@@ -1,0 +1,60 @@
+"""What a format derives from the tools alone, remembered by the tools' bytes.
+
+Agents resend the same tools with every turn. A format's tool count (Mistral's
+``[AVAILABLE_TOOLS]`` block, OpenAI's function formula) or rendered tools text depends on the
+tools alone, but reaching the tokenizer's cache first means rendering them in the format's own
+JSON, in Python: a tenth of a millisecond for twenty tools. The tools' orjson bytes are a key a C
+encoder makes in a microsecond or two, and equal bytes are equal tools. Entries are keyed by the
+length and hash of those bytes (the key keeps no request text) and bounded in number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import orjson
+
+from gateway.accounting.types import Tools
+
+__all__ = ["MEMO_SIZE", "ToolMemo"]
+
+MEMO_SIZE = 4096
+T = TypeVar("T")
+
+
+class ToolMemo(Generic[T]):
+    """``derive(tools)``, memoised. Errors (malformed tools) are raised every time, never kept."""
+
+    def __init__(
+        self, derive: Callable[[Tools], T], size: int = MEMO_SIZE, keep: Callable[[T], bool] | None = None
+    ) -> None:
+        """``keep`` says which values are worth their memory (a text's length, say)."""
+        self._derive = derive
+        self._size = size
+        self._keep = keep
+        # Plain dict operations are atomic under the GIL: counts that run off the event loop
+        # (long prompts) share the memo without a lock. Oldest-first eviction.
+        self._memo: dict[tuple[int, int], T] = {}
+
+    def __call__(self, tools: Tools) -> T:
+        try:
+            raw = orjson.dumps(tools)
+        except TypeError:  # integers beyond 64 bits and the like (json read them): no key
+            return self._derive(tools)
+        key = (len(raw), hash(raw))
+        if key in self._memo:
+            return self._memo[key]
+        value = self._derive(tools)
+        if self._keep is not None and not self._keep(value):
+            return value
+        self._memo[key] = value
+        if len(self._memo) > self._size:
+            self._memo.pop(next(iter(self._memo)), None)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._memo)
+
+    def clear(self) -> None:
+        self._memo.clear()
