@@ -110,7 +110,8 @@ class PriceBook:
     async def price_at(self, model: str | None, when: float, version: int | None = None) -> Price:
         """:meth:`at` for the request path: cached while the config version holds, else one
         read (never a blocking round trip on PostgreSQL). ``version``: the one the request's key
-        was read under, checked when its pending row is committed (else the version now)."""
+        was read under, so that key and price are judged under one configuration (else the
+        version now); the proxy starts a refused request over if it has moved since."""
         name = model or DEFAULT_MODEL
         if self._version is None:
             row = await self._db.afetchone(_AT, [name, DEFAULT_MODEL, when, DEFAULT_MODEL])
