@@ -10,11 +10,12 @@ customer are opt-in (``metrics_per_key``): the first N key names, alphabetically
 With several worker processes, set ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess
 mode): ``/metrics`` then aggregates every process's files.
 
-Per-request figures are tallied in plain dictionaries and folded into the prometheus-client
+Per-request figures are tallied in plain lists, one per set of label values (requests with the
+same model, route, status, error and key share one), and folded into the prometheus-client
 metrics whenever the registry is read (a scrape, or any ``collect``), and at most
 :data:`FOLD_EVERY` seconds after a request (for other processes' scrapes in multiprocess mode):
 a dozen locked increments per request cost a tenth of the gateway's own time per request;
-a tally costs one lock.
+a tally costs one lock and one lookup.
 """
 
 from __future__ import annotations
@@ -61,11 +62,15 @@ class Metrics:
         self, registry: CollectorRegistry | None = None, *, per_key: frozenset[str] = frozenset()
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.per_key = per_key
         self._lock = threading.Lock()
-        self._counts: dict[Any, float] = {}  # counter or gauge child -> amount to add
-        self._observed: dict[Any, list[float]] = {}  # histogram child -> [sum, count per bucket...]
+        self._live = 0  # requests started less those finished, since the last fold
+        # (model label, route, status class or -1, error, key label) -> [requests, tokens by
+        # kind, cost, checks that matched, that did not]
+        self._requests: dict[tuple[str, str, int, str | None, str | None], list[int]] = {}
+        # route -> [sum, count per bucket...] of duration, backend, overhead, first token (or None)
+        self._times: dict[str, list[Any]] = {}
+        self._differences: dict[Any, list[float]] = {}  # model label -> [sum, count per bucket...]
         self._fold_at: asyncio.TimerHandle | None = None
         r = self.registry
         # Registered first, so that any read of the registry folds the tallies in before the
@@ -165,21 +170,14 @@ class Metrics:
             registry=r,
         )
 
-    def _child(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, memoised: prometheus-client's own lookup (validation, a
-        lock) costs more than the increment. Holds no more than the registry (bounded labels)."""
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
-
     def key_label(self, name: str) -> str:
         return name if name in self.per_key else OTHER
 
     def started(self) -> None:
         """A proxied request is being served (``gateway_requests_in_flight``)."""
-        self._tally([(self.in_flight, 1)], ())
+        with self._lock:
+            self._live += 1
+        self._schedule()
 
     def record(
         self,
@@ -199,55 +197,33 @@ class Metrics:
         """One finished proxied request (and the end of the ``started`` one)."""
         served = 200 <= status < 300
         label = model if (served and model) else OTHER
-        child = self._child
-        add: list[tuple[Any, float]] = [
-            (self.in_flight, -1),
-            (child(self.requests, label, route, f"{status // 100}xx" if status else "none"), 1),
-        ]
-        observe: list[tuple[Any, float]] = []
-        if timings is not None:
-            if timings.total is not None:
-                observe.append((child(self.duration, route), timings.total))
-            if timings.backend is not None:
-                observe.append((child(self.backend_duration, route), timings.backend))
-            if timings.overhead is not None:
-                observe.append((child(self.overhead, route), max(0.0, timings.overhead)))
-            if timings.first_token is not None:
-                observe.append((child(self.first_token, route), timings.first_token))
-        if error is not None:
-            add.append((child(self.backend_errors, error), 1))
-        if served or status == 499:
-            who = self.key_label(key) if key is not None and self.per_key else None
-            for kind, value in (
-                ("input", prompt_tokens),
-                ("tool", tool_tokens),
-                ("output", completion_tokens),
-            ):
-                if value:
-                    add.append((child(self.tokens, label, kind), value))
-                    if who is not None:
-                        add.append((child(self.key_tokens, who, kind), value))
-            if cost_micros:
-                add.append((child(self.cost, label), cost_micros))
-            if difference is not None:
-                add.append(
-                    (child(self.accounting_checks, label, "match" if difference == 0 else "mismatch"), 1)
-                )
-                observe.append((child(self.accounting_difference, label), abs(difference)))
-        self._tally(add, observe)
-
-    def _tally(self, add: Iterable[tuple[Any, float]], observe: Iterable[tuple[Any, float]]) -> None:
-        counts, observed = self._counts, self._observed
+        billed = served or status == 499
+        who = self.key_label(key) if billed and key is not None and self.per_key else None
+        # Requests with the same labels share one tally: a tuple and a lookup per request.
+        signature = (label, route, status // 100 if status else -1, error, who)
         with self._lock:
-            for metric, amount in add:
-                counts[metric] = counts.get(metric, 0) + amount
-            for histogram, value in observe:
-                tally = observed.get(histogram)
-                if tally is None:
-                    tally = observed[histogram] = [0.0] * (len(histogram._upper_bounds) + 1)
-                tally[0] += value
-                # The first bucket whose bound is >= value: prometheus-client's own rule.
-                tally[1 + bisect_left(histogram._upper_bounds, value)] += 1
+            self._live -= 1
+            tally = self._requests.get(signature)
+            if tally is None:
+                tally = self._requests[signature] = [0] * 7
+            tally[_N] += 1
+            if billed:
+                tally[_INPUT] += prompt_tokens or 0
+                tally[_TOOL] += tool_tokens or 0
+                tally[_OUTPUT] += completion_tokens or 0
+                tally[_COST] += cost_micros or 0
+                if difference is not None:
+                    tally[_MATCH if difference == 0 else _MISMATCH] += 1
+                    _observe(self._differences, label, DIFFERENCE_BUCKETS, abs(difference))
+            if timings is not None:
+                times = self._times.get(route)
+                if times is None:
+                    times = self._times[route] = [None] * 4
+                for i, value in enumerate(
+                    (timings.total, timings.backend, timings.overhead, timings.first_token)
+                ):
+                    if value is not None:
+                        _observe(times, i, _TIME_BUCKETS[i], max(0.0, value) if i == 2 else value)
         self._schedule()
 
     def _schedule(self) -> None:
@@ -266,15 +242,35 @@ class Metrics:
             # A pending timer is left to fire (cancelling is not safe from another thread, and a
             # scrape may be one): it finds little or nothing to fold.
             self._fold_at = None
-            counts, self._counts = self._counts, {}
-            observed, self._observed = self._observed, {}
-            for metric, amount in counts.items():
-                metric.inc(amount)
-            for histogram, tally in observed.items():
-                histogram._sum.inc(tally[0])
-                for bucket, n in zip(histogram._buckets, tally[1:], strict=True):
-                    if n:
-                        bucket.inc(n)
+            live, self._live = self._live, 0
+            requests, self._requests = self._requests, {}
+            times, self._times = self._times, {}
+            differences, self._differences = self._differences, {}
+            if live:
+                self.in_flight.inc(live)
+            for (label, route, status_class, error, who), tally in requests.items():
+                self.requests.labels(label, route, f"{status_class}xx" if status_class >= 0 else "none").inc(
+                    tally[_N]
+                )
+                if error is not None:
+                    self.backend_errors.labels(error).inc(tally[_N])
+                for kind, i in (("input", _INPUT), ("tool", _TOOL), ("output", _OUTPUT)):
+                    if tally[i]:
+                        self.tokens.labels(label, kind).inc(tally[i])
+                        if who is not None:
+                            self.key_tokens.labels(who, kind).inc(tally[i])
+                if tally[_COST]:
+                    self.cost.labels(label).inc(tally[_COST])
+                for result, i in (("match", _MATCH), ("mismatch", _MISMATCH)):
+                    if tally[i]:
+                        self.accounting_checks.labels(label, result).inc(tally[i])
+            histograms = (self.duration, self.backend_duration, self.overhead, self.first_token)
+            for route, per_kind in times.items():
+                for histogram, observed in zip(histograms, per_kind, strict=True):
+                    if observed is not None:
+                        _fold_histogram(histogram.labels(route), observed)
+            for label, observed in differences.items():
+                _fold_histogram(self.accounting_difference.labels(label), observed)
 
     def rejected(self, limit: str, kind: str) -> None:
         self.rejections.labels(limit, kind).inc()
@@ -289,6 +285,27 @@ class Metrics:
             MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+_N, _INPUT, _TOOL, _OUTPUT, _COST, _MATCH, _MISMATCH = range(7)
+_TIME_BUCKETS = (LATENCY_BUCKETS, LATENCY_BUCKETS, OVERHEAD_BUCKETS, LATENCY_BUCKETS)
+
+
+def _observe(tallies: Any, at: Any, bounds: tuple[float, ...], value: float) -> None:
+    """Count ``value`` into ``tallies[at]``: [sum, count per bucket..., count past the last]."""
+    tally = tallies[at] if not isinstance(tallies, dict) else tallies.get(at)
+    if tally is None:
+        tally = tallies[at] = [0.0] * (len(bounds) + 2)
+    tally[0] += value
+    # The first bucket whose bound is >= value: prometheus-client's own rule.
+    tally[1 + bisect_left(bounds, value)] += 1
+
+
+def _fold_histogram(child: Any, tally: list[float]) -> None:
+    child._sum.inc(tally[0])
+    for bucket, n in zip(child._buckets, tally[1:], strict=True):
+        if n:
+            bucket.inc(n)
 
 
 class _Folder:

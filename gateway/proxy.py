@@ -29,7 +29,7 @@ from gateway.keys import Principal
 from gateway.ledger import Ledger, PendingRow, Settlement, new_request_id
 from gateway.metrics import Metrics, Timings
 from gateway.prices import Price
-from gateway.quota import Demand, QuotaStore, Rejection, Reservation, WindowState
+from gateway.quota import Demand, QuotaStore, RateWindows, Rejection, Reservation, WindowState, rate_windows
 from gateway.sse import StreamMeter
 from gateway.stream_emulation import sse_events
 from gateway.upstream import request_headers, response_headers
@@ -203,13 +203,16 @@ class Proxy:
         if limits.any:
             now = time.time()
             result = await self.quota.reserve(principal.key_id, limits, demand, now)
-            rate_headers = rate_limit_headers(await self.quota.windows(principal.key_id, limits, now), now)
             if isinstance(result, Rejection):
+                windows = await self.quota.windows(principal.key_id, limits, now)
+                rate_headers = rate_limit_headers(rate_windows(windows), now)
                 if principal.version is not None and principal.version != self.config_version():
                     # Refused under limits or prices that changed since: decide again, afresh.
                     raise StaleConfiguration(raw_body)
                 raise QuotaExceeded.from_rejection(result, rate_headers)
             reservation = result
+            if result.rate is not None:
+                rate_headers = rate_limit_headers(result.rate, now)
 
         upstream_request = httpx.Request(
             method,
@@ -537,18 +540,11 @@ def _client_wants_usage(payload: dict[str, Any]) -> bool:
     return bool(options and options.get("include_usage") is True)
 
 
-def rate_limit_headers(windows: list[WindowState], now: float) -> list[tuple[bytes, bytes]]:
-    """OpenAI's x-ratelimit-* headers, from the key's per-minute windows (tokens: the tightest budget)."""
-    headers: list[tuple[bytes, bytes]] = []
-    by_name = {w.name: w for w in windows}
-    requests = by_name.get("rpm")
-    if requests is not None:
-        headers += _window_headers("requests", requests, now)
-    tokens = by_name.get("tpm") or min(
-        (w for w in windows if w.name in ("tokens_per_day", "tokens_per_month")),
-        key=lambda w: w.remaining,
-        default=None,
-    )
+def rate_limit_headers(windows: RateWindows, now: float) -> list[tuple[bytes, bytes]]:
+    """OpenAI's x-ratelimit-* headers: requests per minute, and tokens (per minute, else the
+    tightest token budget)."""
+    requests, tokens = windows
+    headers = [] if requests is None else _window_headers("requests", requests, now)
     if tokens is not None:
         headers += _window_headers("tokens", tokens, now)
     return headers

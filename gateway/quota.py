@@ -26,10 +26,13 @@ __all__ = [
     "Demand",
     "LocalQuota",
     "QuotaStore",
+    "RateWindows",
     "Rejection",
     "Reservation",
     "WindowState",
     "ledger_totals",
+    "rate_windows",
+    "rate_windows_of",
     "reject",
     "window_states",
 ]
@@ -41,26 +44,6 @@ MINUTE = 60.0
 class Demand:
     tokens: int  # counted prompt (tools included) + the output cap
     spend: int  # micro-units, at the price in force
-
-
-@dataclass(slots=True)
-class Reservation:
-    key_id: int
-    demand: Demand
-    day: str
-    month: str
-    started_at: float
-    released: bool = False
-    id: str = ""  # a shared store's handle on it
-    unchecked: bool = False  # served without a check (the store was down and fails open)
-
-
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    kind: str  # "insufficient_quota" (budgets) or "rate_limit_exceeded" (rates)
-    limit: str  # which limit, e.g. tokens_per_day
-    message: str
-    retry_after: int | None  # seconds; None when waiting cannot help
 
 
 @dataclass(slots=True)  # not frozen: six are built per request, and frozen ones cost twice as much
@@ -76,10 +59,40 @@ class WindowState:
         return max(0, self.limit - self.used - self.reserved)
 
 
+# The windows OpenAI's x-ratelimit-* headers show: requests (rpm) and tokens (tpm, else the
+# tightest token budget); None where the key has no such limit.
+RateWindows = tuple[WindowState | None, WindowState | None]
+
+
+@dataclass(slots=True)
+class Reservation:
+    key_id: int
+    demand: Demand
+    day: str
+    month: str
+    started_at: float
+    released: bool = False
+    id: str = ""  # a shared store's handle on it
+    unchecked: bool = False  # served without a check (the store was down and fails open)
+    # The rate windows as this reservation left them, read in the same step as the check (the
+    # headers of an admitted request cost no second look at the store); None if unknown.
+    rate: RateWindows | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    kind: str  # "insufficient_quota" (budgets) or "rate_limit_exceeded" (rates)
+    limit: str  # which limit, e.g. tokens_per_day
+    message: str
+    retry_after: int | None  # seconds; None when waiting cannot help
+
+
 class QuotaStore(Protocol):
     async def reserve(
         self, key_id: int, limits: Limits, demand: Demand, now: float
-    ) -> Reservation | Rejection: ...
+    ) -> Reservation | Rejection:
+        """Check and reserve in one atomic step; a reservation carries its ``rate`` windows."""
+        ...
 
     def settle(self, reservation: Reservation, tokens: int, spend: int, now: float) -> None: ...
 
@@ -163,7 +176,18 @@ class LocalQuota:
         state.reserved_spend += demand.spend
         state.in_flight += 1
         state.requests.append(now)
-        return Reservation(key_id, demand, state.day, state.month, now)
+        rate = rate_windows_of(
+            limits,
+            now,
+            requests=len(state.requests),
+            first_request=state.requests[0],
+            minute_tokens=state.minute_tokens,
+            first_tokens=state.tokens[0][0] if state.tokens else None,
+            day_tokens=state.day_tokens,
+            month_tokens=state.month_tokens,
+            reserved_tokens=state.reserved_tokens,
+        )
+        return Reservation(key_id, demand, state.day, state.month, now, rate=rate)
 
     def settle(self, reservation: Reservation, tokens: int, spend: int, now: float) -> None:
         """Replace the reservation by what was used (0 and 0 releases it). Idempotent."""
@@ -420,3 +444,51 @@ def window_states(
     if limits.max_concurrent is not None:
         out.append(WindowState("max_concurrent", limits.max_concurrent, in_flight, 0, now))
     return out
+
+
+def rate_windows(windows: list[WindowState]) -> RateWindows:
+    """The header windows among a key's windows (:func:`window_states`)."""
+    by_name = {w.name: w for w in windows}
+    tokens = by_name.get("tpm") or min(
+        (w for w in windows if w.name in ("tokens_per_day", "tokens_per_month")),
+        key=lambda w: w.remaining,
+        default=None,
+    )
+    return by_name.get("rpm"), tokens
+
+
+def rate_windows_of(
+    limits: Limits,
+    now: float,
+    *,
+    requests: int,
+    first_request: float | None,
+    minute_tokens: int,
+    first_tokens: float | None,
+    day_tokens: int,
+    month_tokens: int,
+    reserved_tokens: int,
+) -> RateWindows:
+    """``rate_windows(window_states(...))``, building only the two windows it keeps: this runs
+    for every admitted request."""
+    requests_window = None
+    if limits.rpm is not None:
+        reset = first_request + MINUTE if first_request is not None else now
+        requests_window = WindowState("rpm", limits.rpm, requests, 0, reset)
+    if limits.tpm is not None:
+        reset = first_tokens + MINUTE if first_tokens is not None else now
+        return requests_window, WindowState("tpm", limits.tpm, minute_tokens, reserved_tokens, reset)
+    per_day, per_month = limits.tokens_per_day, limits.tokens_per_month
+    if per_day is None and per_month is None:
+        return requests_window, None
+    p = _periods(now)
+    day = (
+        None
+        if per_day is None
+        else WindowState("tokens_per_day", per_day, day_tokens, reserved_tokens, p.day_end)
+    )
+    if per_month is None:
+        return requests_window, day
+    month = WindowState("tokens_per_month", per_month, month_tokens, reserved_tokens, p.next_month_start)
+    # The tighter one; the day's on a tie (the first in window_states' order).
+    return requests_window, month if day is None or month.remaining < day.remaining else day

@@ -43,6 +43,7 @@ from gateway.quota import (
     _day_start,
     _month,
     _next_month_start,
+    rate_windows_of,
     reject,
     window_states,
 )
@@ -143,7 +144,13 @@ redis.call('HINCRBY', KEYS[3], 'n', 1)
 redis.call('ZADD', KEYS[4], now, ARGV[4])
 redis.call('PEXPIRE', KEYS[4], 61000)
 redis.call('HSET', KEYS[6], ARGV[4], ARGV[5])
-return {'ok'}
+-- What the rate-limit headers show, as this reservation left the windows.
+local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+local entries = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
+return {
+  'ok', d(redis.call('ZCARD', KEYS[4])), first[2] or '-1', d(minute), entries[2] or '-1',
+  d(rtok + tokens), d(day_used), d(month_tokens),
+}
 """
 )
 
@@ -311,6 +318,20 @@ class RedisQuota:
             reservation.unchecked = True
             return reservation
         if result[0] == "ok":
+            requests, first_request, minute, first_tokens, reserved, day_used, month_tokens = (
+                float(x) for x in result[1:]
+            )
+            reservation.rate = rate_windows_of(
+                limits,
+                now,
+                requests=int(requests),
+                first_request=first_request if first_request >= 0 else None,
+                minute_tokens=int(minute),
+                first_tokens=first_tokens if first_tokens >= 0 else None,
+                day_tokens=int(day_used),
+                month_tokens=int(month_tokens),
+                reserved_tokens=int(reserved),
+            )
             return reservation
         if result[0] == "released":  # a reservation id is never reused: cannot happen
             raise QuotaStoreUnavailable("Quota reservation was released before it was made; retry.")

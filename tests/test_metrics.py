@@ -106,23 +106,26 @@ def test_per_key_series_are_opt_in_and_capped(make_settings: Callable[..., Setti
 
 
 def _exposition(registry: CollectorRegistry) -> str:
+    """Every sample line but the creation timestamps, sorted (series appear in the order they
+    were first used, which a tally folded later need not keep)."""
     text = generate_latest(registry).decode()
-    return "\n".join(line for line in text.splitlines() if "_created" not in line)  # a timestamp
+    return "\n".join(sorted(line for line in text.splitlines() if "_created" not in line))
 
 
 def test_tallies_fold_into_exactly_what_direct_observations_give() -> None:
     """Per-request figures are tallied and folded in later: the result is the same, bucket
     bounds included (a value equal to a bound is in that bucket; past the last, in +Inf)."""
     registry, reference = CollectorRegistry(), CollectorRegistry()
-    metrics = Metrics(registry)
-    direct = Metrics(reference)
+    metrics = Metrics(registry, per_key=frozenset({"acme"}))
+    direct = Metrics(reference, per_key=frozenset({"acme"}))
     values = [0.0, 0.005, 0.0050001, 0.01, 1, 299.9, 300, 301, 1e9, *[i / 997 for i in range(200)]]
 
     async def serve() -> None:
         for i, seconds in enumerate(values):
             metrics.started()
             timings = Timings()
-            timings.total, timings.backend, timings.overhead = seconds, seconds / 2, seconds / 1000
+            timings.total, timings.backend, timings.overhead = seconds, seconds / 2, seconds / 1000 - 0.001
+            timings.first_token = seconds / 3 if i % 2 else None
             figures: dict[str, Any] = dict(
                 model=V3 if i % 3 else None,
                 route="/chat/completions",
@@ -133,7 +136,8 @@ def test_tallies_fold_into_exactly_what_direct_observations_give() -> None:
                 difference=i % 4 - 1,
                 cost_micros=3 * i,
                 timings=timings,
-                error="timeout" if i % 7 == 0 else None,
+                error=("timeout", None, "status_5xx")[i % 3] if i % 7 < 3 else None,
+                key=("acme", "zeta", None)[i % 3],
             )
             metrics.record(**figures)
             _record_directly(direct, **figures)
@@ -152,7 +156,9 @@ def _record_directly(m: Metrics, **figures: Any) -> None:
     m.requests.labels(label, route, f"{status // 100}xx" if status else "none").inc()
     m.duration.labels(route).observe(timings.total)
     m.backend_duration.labels(route).observe(timings.backend)
-    m.overhead.labels(route).observe(timings.overhead)
+    m.overhead.labels(route).observe(max(0.0, timings.overhead))
+    if timings.first_token is not None:
+        m.first_token.labels(route).observe(timings.first_token)
     if figures["error"] is not None:
         m.backend_errors.labels(figures["error"]).inc()
     if not served and status != 499:
@@ -160,6 +166,8 @@ def _record_directly(m: Metrics, **figures: Any) -> None:
     for kind, name in (("input", "prompt_tokens"), ("tool", "tool_tokens"), ("output", "completion_tokens")):
         if figures[name]:
             m.tokens.labels(label, kind).inc(figures[name])
+            if figures["key"] is not None:
+                m.key_tokens.labels(m.key_label(figures["key"]), kind).inc(figures[name])
     if figures["cost_micros"]:
         m.cost.labels(label).inc(figures["cost_micros"])
     difference = figures["difference"]

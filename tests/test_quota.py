@@ -20,6 +20,9 @@ from gateway.quota import (
     _month,
     _month_start,
     _next_month_start,
+    rate_windows,
+    rate_windows_of,
+    window_states,
 )
 
 NOON = calendar.timegm((2026, 11, 24, 12, 0, 0))
@@ -164,3 +167,59 @@ def test_cached_periods_match_the_calendar_in_any_order() -> None:
         assert _day_start(now) == calendar.timegm((d.year, d.month, d.day, 0, 0, 0))
         assert _month_start(now) == calendar.timegm((d.year, d.month, 1, 0, 0, 0))
         assert _next_month_start(now) == calendar.timegm((*nxt, 1, 0, 0, 0))
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        Limits(rpm=40, tpm=3_000, tokens_per_day=5_000),
+        Limits(tokens_per_day=5_000, tokens_per_month=6_000),  # the tighter budget changes hands
+        Limits(tokens_per_day=4_000, tokens_per_month=4_000),  # a tie
+        Limits(tokens_per_month=6_000, spend_per_month=10_000, max_concurrent=5),
+        Limits(rpm=30),
+        Limits(max_concurrent=3),
+    ],
+)
+def test_a_reservation_carries_the_header_windows_as_a_fresh_look_would_find_them(limits: Limits) -> None:
+    """The rate-limit headers of an admitted request come from its reservation, not from a
+    second look at the store: what it carries is what ``windows`` finds right after it."""
+    rng = random.Random(11)
+    q = LocalQuota()
+    held: list[Reservation] = []
+    now = NOON - 3 * 86400 + 5  # the month and the day both roll over on the way
+    admitted = 0
+    for _ in range(400):
+        now += rng.choice([0.0, 0.4, 7.0, 31.0, 3600.0])
+        if held and rng.random() < 0.45:
+            r = held.pop(rng.randrange(len(held)))
+            q.settle(r, rng.randint(0, r.demand.tokens), rng.randint(0, 50), now)
+            continue
+        result = asyncio.run(q.reserve(1, limits, Demand(rng.randint(1, 400), rng.randint(0, 50)), now))
+        if isinstance(result, Reservation):
+            admitted += 1
+            assert result.rate == rate_windows(q.windows_now(1, limits, now))
+            held.append(result)
+    assert admitted > 50
+
+
+def test_header_windows_built_directly_match_the_full_windows_selection() -> None:
+    rng = random.Random(5)
+    for _ in range(2_000):
+        limits = Limits(
+            **{
+                name: rng.choice([None, rng.randint(1, 10_000)])
+                for name in ("rpm", "tpm", "tokens_per_day", "tokens_per_month", "spend_per_month")
+            }
+        )
+        now = NOON + rng.random() * 86400 * 40
+        figures = {
+            "requests": rng.randint(0, 50),
+            "first_request": rng.choice([None, now - rng.random() * 60]),
+            "minute_tokens": rng.randint(0, 5_000),
+            "first_tokens": rng.choice([None, now - rng.random() * 60]),
+            "day_tokens": rng.randint(0, 9_000),
+            "month_tokens": rng.randint(0, 9_000),
+            "reserved_tokens": rng.randint(0, 3_000),
+        }
+        full = window_states(limits, now, month_spend=0, reserved_spend=0, in_flight=0, **figures)
+        assert rate_windows_of(limits, now, **figures) == rate_windows(full), (limits, figures)

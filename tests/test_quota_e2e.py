@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from gateway.db import open_db
 from gateway.emulator.app import create_emulator_app
 from gateway.keys import KeyStore, load_key_secret
 from gateway.prices import Price, PriceBook
+from gateway.quota import LocalQuota
 from gateway.settings import Settings
 from tests.conftest import SEED_MESSAGES, settled_rows
 from tests.servers import ServerThread
@@ -174,3 +176,46 @@ def test_backend_failure_releases_the_reservation(
     by_name = {w["name"]: w for w in limits["limits"]}
     assert by_name["max_concurrent"]["used"] == 0 and by_name["tokens_per_day"]["reserved"] == 0
     assert by_name["tokens_per_day"]["used"] == ok.json()["usage"]["total_tokens"]
+
+
+@pytest.mark.parametrize("store", ["local", "redis"])
+def test_an_admitted_request_takes_its_rate_headers_from_its_reservation(
+    store: str,
+    make_settings: Callable[..., Settings],
+    emulator: ServerThread,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
+    """One look at the quota store per admitted request (with Redis, one round trip): the
+    headers come from the reserve; only a refusal reads the windows again, to say why."""
+    looks: list[int] = []
+    extra: dict[str, Any] = {}
+    if store == "redis":
+        from gateway.redis_quota import RedisQuota
+
+        server = request.getfixturevalue("redis_server")
+        extra = {"redis_url": server.url, "redis_prefix": f"t{uuid.uuid4().hex[:8]}:"}
+        cls: Any = RedisQuota
+    else:
+        cls = LocalQuota
+    windows = cls.windows
+
+    async def counted(self: Any, key_id: int, limits: Any, now: float) -> Any:
+        looks.append(key_id)
+        return await windows(self, key_id, limits, now)
+
+    monkeypatch.setattr(cls, "windows", counted)
+    settings = make_settings(upstream_url=emulator.url + "/v1/openai", **extra)
+    _, key = _store(settings).create("acme", limits={"rpm": 3, "tokens_per_day": 1_000_000})
+    auth = {"Authorization": f"Bearer {key}"}
+    body = {"model": V3, "messages": SEED_MESSAGES, "max_tokens": 5}
+    with ServerThread(create_app(settings)) as gateway:
+        url = gateway.url + "/v1/chat/completions"
+        answers = [httpx.post(url, json=body, headers=auth) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert [a.headers["x-ratelimit-remaining-requests"] for a in answers] == ["2", "1", "0", "0"]
+    # Each admitted request holds its demand (16) while it runs; the day's budget is the tokens window.
+    remaining = [int(a.headers["x-ratelimit-remaining-tokens"]) for a in answers]
+    assert remaining[0] == 1_000_000 - DEMAND and remaining[1] < remaining[0] and remaining[3] <= remaining[2]
+    assert all(a.headers["x-ratelimit-limit-tokens"] == "1000000" for a in answers)
+    assert len(looks) == 1  # the refusal's

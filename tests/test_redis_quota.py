@@ -82,6 +82,8 @@ def test_decides_exactly_as_the_in_process_store(redis_server: RedisServer, pref
                 ), step
             else:
                 assert isinstance(got, Reservation)
+                # The rate-limit headers' windows, read by the reserve itself.
+                assert got.rate == expected.rate, step
                 held.append((expected, got))
             assert await shared.windows(1, limits, now) == local.windows_now(1, limits, now), step
         await shared.aclose()
