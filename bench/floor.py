@@ -16,13 +16,14 @@ import httpx
 import uvicorn
 
 
-def floor_app(upstream: str, transport: str = "httpx") -> Any:
+def floor_app(upstream: str, transport: str | httpx.AsyncBaseTransport = "httpx") -> Any:
+    """``transport``: a pool's name (``gateway.upstream.make_transport``), or a transport."""
     from gateway.upstream import make_transport
 
     client = httpx.AsyncClient(
         timeout=httpx.Timeout(600, connect=5),
         limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
-        transport=make_transport(transport, max_connections=512),
+        transport=make_transport(transport, max_connections=512) if isinstance(transport, str) else transport,
     )
     base = upstream.rstrip("/")
     transport = client._transport

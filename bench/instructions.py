@@ -1,0 +1,211 @@
+"""Benchmark: instructions per request on the event-loop thread, counted by valgrind.
+
+Seconds drift by half and more between runs on a shared two-core machine; the instructions a
+program executes do not (callgrind counts them, whatever else the machine is doing). This runs
+the gateway (full metering: a key with every limit) and the bare floor in-process, with the
+backend's answer canned (no sockets, no server: what is left is the application's own work),
+under ``valgrind --tool=callgrind --separate-threads=yes``, twice per target with different
+request counts, and reports the difference per request: start-up and warm-up cancel out. The
+event-loop thread is the one that bounds throughput; the ledger's writer thread is not counted.
+
+    python -m bench.instructions [--requests 1280] [--target gateway|floor|both]   (needs valgrind)
+
+One target takes a few minutes (valgrind runs Python about fifty times slower). Writes
+bench/results/instructions.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.floor import floor_app
+from bench.quota import ALL_LIMITS, BODY
+
+WARM_UP = 320
+CONCURRENCY = 32
+# What the emulator answers to BODY (11 prompt tokens: the gateway's own count, so no mismatch).
+ANSWER = json.dumps(
+    {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1795559610,
+        "model": BODY["model"],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "You asked about the weather."},
+                "finish_reason": "length",
+            }
+        ],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 16, "total_tokens": 27},
+    }
+).encode()
+
+
+class _Canned(httpx.AsyncBaseTransport):
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        await asyncio.sleep(0)  # the network: one turn of the event loop
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(ANSWER))]
+        return httpx.Response(200, headers=headers, stream=httpx.ByteStream(ANSWER))
+
+
+async def _serve(target: str, requests: int) -> None:
+    """The measured program: WARM_UP then ``requests`` requests, CONCURRENCY at a time."""
+    from gateway.app import create_app
+    from gateway.db import open_db
+    from gateway.keys import KeyStore, load_key_secret
+    from gateway.settings import Settings
+
+    body = json.dumps(BODY).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    with tempfile.TemporaryDirectory() as tmp:
+        if target == "floor":
+            app, shutdown = floor_app("http://backend.test/v1/openai", _Canned()), None
+        else:
+            settings = Settings(db=f"{tmp}/bench.db", upstream_url="http://backend.test/v1/openai")
+            _, key = KeyStore(open_db(settings.db), load_key_secret(settings)).create(
+                "bench", limits=ALL_LIMITS.as_dict()
+            )
+            headers.append((b"authorization", b"Bearer " + key.encode()))
+            app = create_app(settings, transport=_Canned())
+            shutdown = await _start(app)
+        statuses: list[int] = []
+
+        async def one() -> None:
+            sent = False
+
+            async def receive() -> dict[str, Any]:
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                await asyncio.Event().wait()
+                raise AssertionError("unreachable")
+
+            async def send(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    statuses.append(message["status"])
+
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "http",
+                "path": "/v1/chat/completions",
+                "raw_path": b"/v1/chat/completions",
+                "query_string": b"",
+                "root_path": "",
+                "headers": headers,
+                "client": ("127.0.0.1", 50000),
+                "server": ("127.0.0.1", 8080),
+            }
+            await app(scope, receive, send)
+
+        async def worker(n: int) -> None:
+            for _ in range(n):
+                await one()
+
+        for n in (WARM_UP, requests):
+            await asyncio.gather(*(worker(n // CONCURRENCY) for _ in range(CONCURRENCY)))
+        if shutdown is not None:
+            await shutdown()
+    if set(statuses) != {200}:
+        raise SystemExit(f"the {target} answered {sorted(set(statuses))}, not only 200")
+
+
+async def _start(app: Any) -> Any:
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    await inbox.put({"type": "lifespan.startup"})
+    task = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}}, inbox.get, outbox.put))
+    started = await outbox.get()
+    if started["type"] != "lifespan.startup.complete":
+        raise SystemExit(f"the gateway did not start: {started}")
+
+    async def shutdown() -> None:
+        await inbox.put({"type": "lifespan.shutdown"})
+        await outbox.get()
+        await task
+
+    return shutdown
+
+
+def _count(target: str, requests: int) -> int:
+    """Instructions the event-loop thread executed in one run of the measured program."""
+    with tempfile.TemporaryDirectory() as out:
+        subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--separate-threads=yes",
+                f"--callgrind-out-file={out}/cg",
+                sys.executable,
+                "-m",
+                "bench.instructions",
+                "--serve",
+                target,
+                str(requests),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        # With --separate-threads, thread 1 (the main thread, which runs the loop) is "-01".
+        for line in Path(f"{out}/cg-01").read_text().splitlines():
+            if line.startswith("summary:"):
+                return int(line.split()[1])
+    raise RuntimeError("callgrind wrote no summary")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=1280, help="requests in the longer run")
+    parser.add_argument("--target", choices=("gateway", "floor", "both"), default="both")
+    parser.add_argument("--serve", nargs=2, metavar=("TARGET", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args()
+    if args.serve:
+        import uvloop
+
+        uvloop.install()
+        asyncio.run(_serve(args.serve[0], int(args.serve[1])))
+        return 0
+    if shutil.which("valgrind") is None:
+        raise SystemExit("bench.instructions needs valgrind (Debian: apt-get install -y valgrind)")
+    # Both runs pay start-up and warm-up; their difference is the requests (whole rounds).
+    short, long = CONCURRENCY, max(2, args.requests // CONCURRENCY) * CONCURRENCY
+    result: dict[str, Any] = {"python": sys.version.split()[0], "requests": long - short}
+    for target in ("gateway", "floor") if args.target == "both" else (args.target,):
+        counts = []
+        for n in (short, long):
+            print(f"{target}: {n} requests under callgrind ...", flush=True)
+            started = time.monotonic()
+            counts.append(_count(target, n))
+            print(f"  {counts[-1]:,} instructions ({time.monotonic() - started:.0f} s)", flush=True)
+        result[target] = round((counts[1] - counts[0]) / (long - short))
+        print(f"{target}: {result[target]:,} instructions per request on the event-loop thread", flush=True)
+    if "gateway" in result and "floor" in result:
+        result["gateway_minus_floor"] = result["gateway"] - result["floor"]
+        print(f"the gateway's own work: {result['gateway_minus_floor']:,} instructions per request")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "instructions.json").write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
