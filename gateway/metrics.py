@@ -68,9 +68,9 @@ class Metrics:
         # (model label, route, status class or -1, error, key label) -> [requests, tokens by
         # kind, cost, checks that matched, that did not]
         self._requests: dict[tuple[str, str, int, str | None, str | None], list[int]] = {}
-        # route -> [sum, count per bucket...] of duration, backend, overhead, first token (or None)
-        self._times: dict[str, list[Any]] = {}
-        self._differences: dict[Any, list[float]] = {}  # model label -> [sum, count per bucket...]
+        # route -> [sum, count per bucket...] of duration, backend, overhead and first token
+        self._times: dict[str, list[list[float]]] = {}
+        self._differences: dict[str, list[float]] = {}  # model label -> [sum, count per bucket...]
         self._fold_at: asyncio.TimerHandle | None = None
         r = self.registry
         # Registered first, so that any read of the registry folds the tallies in before the
@@ -214,16 +214,24 @@ class Metrics:
                 tally[_COST] += cost_micros or 0
                 if difference is not None:
                     tally[_MATCH if difference == 0 else _MISMATCH] += 1
-                    _observe(self._differences, label, DIFFERENCE_BUCKETS, abs(difference))
+                    differences = self._differences.get(label)
+                    if differences is None:
+                        differences = self._differences[label] = _empty(DIFFERENCE_BUCKETS)
+                    _observe(differences, DIFFERENCE_BUCKETS, abs(difference))
             if timings is not None:
                 times = self._times.get(route)
                 if times is None:
-                    times = self._times[route] = [None] * 4
-                for i, value in enumerate(
-                    (timings.total, timings.backend, timings.overhead, timings.first_token)
-                ):
+                    times = self._times[route] = [_empty(bounds) for bounds in _TIME_BUCKETS]
+                overhead = timings.overhead
+                values = (
+                    timings.total,
+                    timings.backend,
+                    None if overhead is None else max(0.0, overhead),
+                    timings.first_token,
+                )
+                for observed, bounds, value in zip(times, _TIME_BUCKETS, values, strict=True):
                     if value is not None:
-                        _observe(times, i, _TIME_BUCKETS[i], max(0.0, value) if i == 2 else value)
+                        _observe(observed, bounds, value)
         self._schedule()
 
     def _schedule(self) -> None:
@@ -267,7 +275,7 @@ class Metrics:
             histograms = (self.duration, self.backend_duration, self.overhead, self.first_token)
             for route, per_kind in times.items():
                 for histogram, observed in zip(histograms, per_kind, strict=True):
-                    if observed is not None:
+                    if any(observed[1:]):  # e.g. no first token for whole answers: no series
                         _fold_histogram(histogram.labels(route), observed)
             for label, observed in differences.items():
                 _fold_histogram(self.accounting_difference.labels(label), observed)
@@ -291,11 +299,12 @@ _N, _INPUT, _TOOL, _OUTPUT, _COST, _MATCH, _MISMATCH = range(7)
 _TIME_BUCKETS = (LATENCY_BUCKETS, LATENCY_BUCKETS, OVERHEAD_BUCKETS, LATENCY_BUCKETS)
 
 
-def _observe(tallies: Any, at: Any, bounds: tuple[float, ...], value: float) -> None:
-    """Count ``value`` into ``tallies[at]``: [sum, count per bucket..., count past the last]."""
-    tally = tallies[at] if not isinstance(tallies, dict) else tallies.get(at)
-    if tally is None:
-        tally = tallies[at] = [0.0] * (len(bounds) + 2)
+def _empty(bounds: tuple[float, ...]) -> list[float]:
+    """A histogram's tally: [sum, count per bucket..., count past the last bound]."""
+    return [0.0] * (len(bounds) + 2)
+
+
+def _observe(tally: list[float], bounds: tuple[float, ...], value: float) -> None:
     tally[0] += value
     # The first bucket whose bound is >= value: prometheus-client's own rule.
     tally[1 + bisect_left(bounds, value)] += 1

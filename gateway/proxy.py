@@ -204,12 +204,11 @@ class Proxy:
             now = time.time()
             result = await self.quota.reserve(principal.key_id, limits, demand, now)
             if isinstance(result, Rejection):
-                windows = await self.quota.windows(principal.key_id, limits, now)
-                rate_headers = rate_limit_headers(rate_windows(windows), now)
                 if principal.version is not None and principal.version != self.config_version():
                     # Refused under limits or prices that changed since: decide again, afresh.
                     raise StaleConfiguration(raw_body)
-                raise QuotaExceeded.from_rejection(result, rate_headers)
+                windows = await self.quota.windows(principal.key_id, limits, now)
+                raise QuotaExceeded.from_rejection(result, rate_limit_headers(rate_windows(windows), now))
             reservation = result
             if result.rate is not None:
                 rate_headers = rate_limit_headers(result.rate, now)
