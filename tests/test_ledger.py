@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import random
 import sqlite3
 import time
@@ -315,10 +317,58 @@ def test_a_torn_journal_line_is_skipped_and_the_rest_replayed(tmp_path: Path) ->
     target = str(tmp_path / "gateway.db")
     asyncio.run(_with_key(target))
     whole = b'["req_1", 1, "m", "/chat/completions", 0, 1.5, 3, 4, "x"]\n'
-    (tmp_path / "gateway.db-ledger.0").write_bytes(whole + b'["req_2", 1, "m", "/chat/com')
-    assert Ledger(target).recover() == 1
-    assert [r["id"] for r in ledger_rows(target)] == ["req_1"]
+    # A segment is allocated whole (zeros); a copy cut short leaves part of a line, or (copied
+    # tail first) its end with zeros before it.
+    cut = b'["req_2", 1, "m", "/chat/com'
+    tail_first = b'["req_3", 1, "m"' + b"\0" * 20 + b', 3, 4, "x"]\n'
+    (tmp_path / "gateway.db-ledger.0").write_bytes(whole + cut + b"\0" * 4000)
+    (tmp_path / "gateway.db-ledger.1").write_bytes(whole.replace(b"req_1", b"req_4") + tail_first + whole)
+    assert Ledger(target).recover() == 2
+    assert [r["id"] for r in ledger_rows(target)] == ["req_1", "req_4"]
     assert not list(tmp_path.glob("gateway.db-ledger.*"))
+
+
+def test_the_journal_allocates_each_segment_whole_and_reads_back_only_what_was_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal, "SEGMENT_BYTES", 4096)
+    j = journal.Journal(str(tmp_path / "gateway.db-ledger"))
+    j.open()
+    assert j.append(("req_1", 1, "m")) == 0
+    assert (tmp_path / "gateway.db-ledger.0").stat().st_size == 4096  # the blocks are taken now
+    assert list(j.entries()) == [["req_1", 1, "m"]]  # a reader sees the copy at once
+    big = ("req_2", 1, "m" * 5000)  # longer than a segment: one of its own
+    assert j.append(big) == 1 and j.append(("req_3", 1, "m")) == 2
+    assert list(j.entries()) == [["req_1", 1, "m"], list(big), ["req_3", 1, "m"]]
+    j.close(committed=False)
+    assert [e[0] for e in journal.Journal(str(tmp_path / "gateway.db-ledger")).entries()] == [
+        "req_1",
+        "req_2",
+        "req_3",
+    ]
+
+
+def test_a_segment_the_disk_refuses_fails_the_append_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal, "SEGMENT_BYTES", 200)
+    j = journal.Journal(str(tmp_path / "gateway.db-ledger"))
+    j.open()
+    j.append(("req_1", "x" * 100))
+    real = os.posix_fallocate
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(journal.os, "posix_fallocate", full)
+    with pytest.raises(OSError):
+        j.append(("req_2", "x" * 100))  # needs the next segment
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gateway.db-ledger.0"]  # none half-made
+    monkeypatch.setattr(journal.os, "posix_fallocate", real)
+    assert j.append(("req_3", "x" * 100)) == 1  # space again: on it goes
+    assert [e[0] for e in j.entries()] == ["req_1", "req_3"]
+    j.close(committed=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_request_ids_are_unique_and_in_time_order() -> None:
