@@ -12,6 +12,14 @@ event-loop thread is the one that bounds throughput; the ledger's writer thread 
 
 One target takes a few minutes (valgrind runs Python about fifty times slower). Writes
 bench/results/instructions.json.
+
+Instructions leave out the time the kernel spends on the thread's system calls, and what the
+thread loses handing the interpreter lock to the writer thread. ``--cpu`` measures that too:
+the same program without valgrind, the event-loop thread's CPU time (user and system) per
+request, each target run ``--rounds`` times alternately in a fresh process, the least kept
+(seconds drift here, so compare releases in one invocation or close together):
+
+    python -m bench.instructions --cpu [--requests 6400] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -61,8 +69,9 @@ class _Canned(httpx.AsyncBaseTransport):
         return httpx.Response(200, headers=headers, stream=httpx.ByteStream(ANSWER))
 
 
-async def _serve(target: str, requests: int) -> None:
-    """The measured program: WARM_UP then ``requests`` requests, CONCURRENCY at a time."""
+async def _serve(target: str, requests: int) -> float:
+    """The measured program: WARM_UP then ``requests`` requests, CONCURRENCY at a time.
+    Returns the event-loop thread's CPU seconds for the ``requests``."""
     from gateway.app import create_app
     from gateway.db import open_db
     from gateway.keys import KeyStore, load_key_secret
@@ -118,12 +127,16 @@ async def _serve(target: str, requests: int) -> None:
             for _ in range(n):
                 await one()
 
+        cpu = 0.0
         for n in (WARM_UP, requests):
+            cpu = time.thread_time()
             await asyncio.gather(*(worker(n // CONCURRENCY) for _ in range(CONCURRENCY)))
+            cpu = time.thread_time() - cpu
         if shutdown is not None:
             await shutdown()
     if set(statuses) != {200}:
         raise SystemExit(f"the {target} answered {sorted(set(statuses))}, not only 200")
+    return cpu
 
 
 async def _start(app: Any) -> Any:
@@ -169,12 +182,43 @@ def _count(target: str, requests: int) -> int:
     raise RuntimeError("callgrind wrote no summary")
 
 
+def _cpu(target: str, requests: int) -> float:
+    """Microseconds of the event-loop thread's CPU per request, in a fresh process."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.instructions", "--serve", target, str(requests)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return float(json.loads(out.splitlines()[-1])["cpu_us_per_request"])
+
+
+def _cpu_times(args: argparse.Namespace, targets: tuple[str, ...], requests: int) -> dict[str, Any]:
+    result: dict[str, Any] = {"python": sys.version.split()[0], "requests": requests, "rounds": {}}
+    for r in range(args.rounds):
+        for target in targets:
+            us = _cpu(target, requests)
+            result["rounds"].setdefault(target, []).append(round(us, 1))
+            print(f"round {r + 1}/{args.rounds}, {target}: {us:.1f} µs of CPU per request", flush=True)
+    for target in targets:
+        result[target] = min(result["rounds"][target])
+        print(f"{target}: {result[target]:.1f} µs of event-loop CPU per request (least of the rounds)")
+    if "gateway" in result and "floor" in result:
+        result["gateway_minus_floor"] = round(result["gateway"] - result["floor"], 1)
+        print(f"the gateway's own work: {result['gateway_minus_floor']:.1f} µs per request")
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--requests", type=int, default=1280, help="requests in the longer run")
+    parser.add_argument(
+        "--requests", type=int, help="requests in the longer run (default 1280; 6400 with --cpu)"
+    )
     parser.add_argument("--target", choices=("gateway", "floor", "both"), default="both")
+    parser.add_argument("--cpu", action="store_true", help="CPU time per request instead (no valgrind)")
+    parser.add_argument("--rounds", type=int, default=5, help="with --cpu: runs per target (default 5)")
     parser.add_argument("--serve", nargs=2, metavar=("TARGET", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
@@ -182,14 +226,23 @@ def main() -> int:
         import uvloop
 
         uvloop.install()
-        asyncio.run(_serve(args.serve[0], int(args.serve[1])))
+        cpu = asyncio.run(_serve(args.serve[0], int(args.serve[1])))
+        print(json.dumps({"cpu_us_per_request": cpu / int(args.serve[1]) * 1e6}))
+        return 0
+    targets = ("gateway", "floor") if args.target == "both" else (args.target,)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.cpu:
+        requests = max(CONCURRENCY, (args.requests or 6400) // CONCURRENCY * CONCURRENCY)
+        cpu = _cpu_times(args, targets, requests)
+        (out / "cpu.json").write_text(json.dumps(cpu, indent=2))
         return 0
     if shutil.which("valgrind") is None:
         raise SystemExit("bench.instructions needs valgrind (Debian: apt-get install -y valgrind)")
     # Both runs pay start-up and warm-up; their difference is the requests (whole rounds).
-    short, long = CONCURRENCY, max(2, args.requests // CONCURRENCY) * CONCURRENCY
+    short, long = CONCURRENCY, max(2, (args.requests or 1280) // CONCURRENCY) * CONCURRENCY
     result: dict[str, Any] = {"python": sys.version.split()[0], "requests": long - short}
-    for target in ("gateway", "floor") if args.target == "both" else (args.target,):
+    for target in targets:
         counts = []
         for n in (short, long):
             print(f"{target}: {n} requests under callgrind ...", flush=True)
@@ -201,8 +254,6 @@ def main() -> int:
     if "gateway" in result and "floor" in result:
         result["gateway_minus_floor"] = result["gateway"] - result["floor"]
         print(f"the gateway's own work: {result['gateway_minus_floor']:,} instructions per request")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "instructions.json").write_text(json.dumps(result, indent=2))
     return 0
 
