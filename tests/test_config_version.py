@@ -74,15 +74,64 @@ class _Reads:
         return taken
 
 
-def test_the_version_is_read_once_per_event_loop_iteration(sqlite_db: SQLiteDatabase) -> None:
+def test_on_a_wal_file_the_version_is_read_only_after_a_commit(
+    sqlite_db: SQLiteDatabase, tmp_path: Any
+) -> None:
+    other = open_db(str(tmp_path / "gateway.db"))  # another process's connection
     version = ConfigVersion(sqlite_db)
+    assert version.current() == _version(sqlite_db)
     reads = _Reads(sqlite_db)
+
+    async def scenario() -> None:
+        for _ in range(3):
+            version.current(), version.current()
+            await asyncio.sleep(0)
+        assert reads.take() == []  # nothing committed anywhere: the cached version stands
+        # A commit that leaves the version alone (the ledger's writer, say) costs one read.
+        other.execute("INSERT INTO meta VALUES ('a', 'b')")
+        assert version.current() == _version(other)
+        assert version.current() == _version(other)
+        assert reads.take() == ["SELECT n FROM config_version"]
+        # A change to keys, plans or prices is seen at once, without waiting for an iteration.
+        before = version.current()
+        PlanStore(other).create("gold", {"rpm": 10})
+        assert version.current() == _version(other) > before
+
+    asyncio.run(scenario())
+
+
+def test_the_version_follows_every_commit_through_checkpoints_and_wal_restarts(
+    sqlite_db: SQLiteDatabase, tmp_path: Any
+) -> None:
+    """Each step commits on another connection (or checkpoints its log, which a later commit
+    then restarts from the beginning): the cached version must equal the database's, always."""
+    version = ConfigVersion(sqlite_db)
+    other = open_db(str(tmp_path / "gateway.db"))
+    prices = PriceBook(other)
+    rng = random.Random(11)
+    steps = [
+        lambda i: prices.set("m", Price(i, 0, 0), effective_from=float(i)),
+        lambda i: other.execute("INSERT INTO meta VALUES (?, 'x')", [f"n{i}"]),
+        lambda i: other.execute("PRAGMA wal_checkpoint(TRUNCATE)"),
+        lambda i: other.execute("PRAGMA wal_checkpoint(RESTART)"),
+        lambda i: other.execute("UPDATE config_version SET n = n + 1"),
+    ]
+    for i in range(300):
+        rng.choice(steps)(i)
+        assert version.current() == _version(other), i
+
+
+def test_without_a_wal_index_the_version_is_read_once_per_event_loop_iteration() -> None:
+    db = open_db(":memory:")
+    version = ConfigVersion(db)
+    assert isinstance(db, SQLiteDatabase)
+    reads = _Reads(db)
 
     async def scenario() -> list[int]:
         counts = []
         for _ in range(3):
             version.current(), version.current(), version.current()
-            counts.append(len(reads.take()))
+            counts.append(len([sql for sql in reads.take() if "config_version" in sql]))
             await asyncio.sleep(0)  # the next iteration reads again
         return counts
 
@@ -107,7 +156,7 @@ def test_a_cached_key_follows_changes_made_by_another_process(
         hashed: list[str] = []
         store.hash = lambda k: hashed.append(k) or KeyStore.hash(store, k)  # type: ignore[method-assign]
         assert await store.authenticate(key) == first
-        assert reads.take() == ["SELECT n FROM config_version"]  # the cache answered,
+        assert reads.take() == []  # nothing committed since: the cache answered,
         assert hashed == []  # without even an HMAC
         assert await store.authenticate(key[:-1] + ("A" if key[-1] != "A" else "B")) is None
         assert len(hashed) == 1  # a near miss is not a hit
