@@ -253,13 +253,16 @@ class Proxy:
             if counting is not None:
                 meter = _Metering(await counting, bool(to_count and to_count[2]))
             settlement.upstream_ms = (time.perf_counter() - t0) * 1000
-            headers = [*response_headers(response.headers), id_header, *rate_headers]
-            if response.headers.get("content-type", "").startswith("text/event-stream"):
+            headers, content_type = response_headers(response.headers)
+            headers += (id_header, *rate_headers)
+            if content_type.startswith("text/event-stream"):
                 await self._relay_stream(
                     response, headers, settlement, strip_usage, t0, receive, send, meter, model
                 )
             else:
-                await self._relay_whole(response, headers, settlement, send, meter, replay, t0, timings)
+                await self._relay_whole(
+                    response, content_type, headers, settlement, send, meter, replay, t0, timings
+                )
         except GatewayError as exc:
             settlement.status = exc.status
             settlement.error = exc.message
@@ -385,6 +388,7 @@ class Proxy:
     async def _relay_whole(
         self,
         response: httpx.Response,
+        content_type: str,
         headers: list[tuple[bytes, bytes]],
         settlement: Settlement,
         send: Send,
@@ -405,7 +409,7 @@ class Proxy:
                 timings.backend = time.perf_counter() - timings.send_at
         settlement.status = response.status_code
         if response.is_success:
-            obj, fast = _json_of(content, response.headers.get("content-type", ""))
+            obj, fast = _json_of(content, content_type)
             if obj is _MALFORMED:
                 raise UpstreamError("The backend returned a malformed response.", code="upstream_malformed")
             usage = obj.get("usage") if isinstance(obj, dict) else None

@@ -100,8 +100,18 @@ def request_headers(
     return headers
 
 
-def response_headers(upstream: httpx.Headers) -> list[tuple[bytes, bytes]]:
-    return [(k.lower(), v) for k, v in upstream.raw if k.lower() not in _DROP_RESPONSE]
+def response_headers(upstream: httpx.Headers) -> tuple[list[tuple[bytes, bytes]], str]:
+    """The headers to pass on to the client, and the answer's content type ("" if none): one
+    pass over the raw list (httpx's ``Headers.get`` scans and decodes all of them per call)."""
+    headers = []
+    content_type = b""
+    for key, value in upstream.raw:
+        name = key.lower()
+        if name == b"content-type":
+            content_type = value
+        if name not in _DROP_RESPONSE:
+            headers.append((name, value))
+    return headers, content_type.decode("latin-1")
 
 
 def make_transport(
