@@ -107,8 +107,8 @@ def response_headers(upstream: httpx.Headers) -> tuple[list[tuple[bytes, bytes]]
     content_type = b""
     for key, value in upstream.raw:
         name = key.lower()
-        if name == b"content-type":
-            content_type = value
+        if name == b"content-type" and not content_type:
+            content_type = value  # the first, as httpx's joined value starts with it
         if name not in _DROP_RESPONSE:
             headers.append((name, value))
     return headers, content_type.decode("latin-1")
