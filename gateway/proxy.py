@@ -160,7 +160,7 @@ class Proxy:
                 messages, tools = self.rules.check(payload)
                 assert model is not None
                 to_count = (model, messages, tools, len(body))
-        modified = capped = False
+        modified = False
         replay: bool | None = None  # emulated tool stream: whether the client asked for usage
         if stream and spec.chat and payload.get("tools") and self.emulate_tool_streams:
             # This backend refuses streams with tools: ask for the whole answer, replay it as chunks.
@@ -182,20 +182,20 @@ class Proxy:
                 meter = _Metering(counted, bool(to_count[2]))
                 to_count = None
             if max_out is None and spec.generates:
-                # Without a cap the output is unbounded: reserve the configured cap and enforce it.
-                max_out = payload["max_tokens"] = self.default_max_tokens
-                capped = True
-            prompt = counted.prompt_tokens if counted else len(body) // 2 + 1
+                # Without a cap the output is unbounded: reserve the configured cap and enforce it,
+                # spliced into the body as sent where that is safe, else re-serialized below.
+                cap = self.default_max_tokens
+                spliced = None if modified else with_member(body, "max_tokens", cap, payload)
+                max_out = payload["max_tokens"] = cap
+                modified = spliced is None
+                body = spliced or body
+            prompt = counted.prompt_tokens if counted else len(raw_body) // 2 + 1
             tool = counted.tool_tokens if counted else 0
             assert price is not None
             demand = Demand(
                 prompt + (max_out or 0),
                 price.cost(input_tokens=prompt, tool_tokens=tool, output_tokens=max_out or 0),
             )
-        if capped and not modified:
-            spliced = with_member(body, "max_tokens", self.default_max_tokens)
-            modified = spliced is None
-            body = spliced or body
         if modified:
             body = jsonio.encode(payload, fast_json)
         reservation: Reservation | None = None

@@ -8,8 +8,11 @@ accepts ``tool_choice`` "auto" or "none" only.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Container
+from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from gateway import jsonio
 from gateway.errors import InvalidRequest
@@ -49,19 +52,20 @@ def parse_document(body: bytes) -> tuple[dict[str, Any], bool]:
     return payload, fast
 
 
-def with_member(body: bytes, name: str, value: int) -> bytes | None:
-    """``body`` (a JSON object that parsed) with ``"name": value`` added as its first member,
-    the rest byte for byte: no re-encoding of a long prompt. None where that cannot be done
-    safely (not UTF-8, or the member is there already) and the caller must re-serialize.
+def with_member(body: bytes, name: str, value: int, members: Container[str]) -> bytes | None:
+    """``body`` (a JSON object that parsed, with top-level ``members``) with ``"name": value``
+    added as its first member, the rest byte for byte: no re-encoding of a long prompt. None
+    where that cannot be done safely (not UTF-8, or ``name`` is a member already, perhaps spelt
+    with escapes or null) and the caller must re-serialize.
 
-    >>> with_member(b' {"a": 1}', "max_tokens", 8)
+    >>> with_member(b' {"a": 1}', "max_tokens", 8, {"a"})
     b' {"max_tokens":8,"a": 1}'
     """
-    if json.detect_encoding(body) != "utf-8":
+    if name in members or json.detect_encoding(body) != "utf-8":
         return None
     head = len(body) - len(body.lstrip())
-    if body[head : head + 1] != b"{" or json.dumps(name).encode() in body:
-        return None  # the name may be a member already (or a string inside one): re-serialize
+    if body[head : head + 1] != b"{":
+        return None
     rest = body[head + 1 :]
     comma = b"" if rest.lstrip()[:1] == b"}" else b","
     return body[: head + 1] + b"%s:%d" % (json.dumps(name).encode(), value) + comma + rest
@@ -108,6 +112,11 @@ class ChatRules:
     max_tools: int = 128
     max_schema_depth: int = 32
     tool_choices: tuple[str, ...] | None = ("auto", "none")  # None: anything goes
+    # Tool lists that passed, by the (length, hash) of their orjson bytes: agents resend the same
+    # tools every turn, and walking twenty schemas for their depth costs a tenth of a millisecond.
+    _passed: dict[tuple[int, int], None] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     def check(self, payload: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
         """A chat request's messages and tools, checked for the shapes counting relies on."""
@@ -128,6 +137,26 @@ class ChatRules:
             raise InvalidRequest(
                 f"Too many tools: {len(tools)}; this gateway accepts at most {self.max_tools}.", param="tools"
             )
+        key = _tools_key(tools)
+        if key is None or key not in self._passed:
+            self._check_tools(tools)
+            if key is not None:
+                # Plain dict operations are atomic under the GIL; oldest-first eviction.
+                self._passed[key] = None
+                if len(self._passed) > PASSED_TOOLS:
+                    self._passed.pop(next(iter(self._passed)), None)
+        if tools and self.tool_choices is not None and "tool_choice" in payload:
+            choice = payload["tool_choice"]
+            if choice not in self.tool_choices:
+                allowed = " or ".join(repr(c) for c in self.tool_choices)
+                raise InvalidRequest(
+                    f"tool_choice {json.dumps(choice)} is not supported by this backend: use {allowed}.",
+                    param="tool_choice",
+                    code="unsupported_tool_choice",
+                )
+        return messages, tools or None
+
+    def _check_tools(self, tools: list[Any]) -> None:
         for i, tool in enumerate(tools):
             fn = tool.get("function") if isinstance(tool, dict) else None
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
@@ -144,16 +173,19 @@ class ChatRules:
                     f"tools[{i}].function.parameters nests deeper than {self.max_schema_depth} levels.",
                     param="tools",
                 )
-        if tools and self.tool_choices is not None and "tool_choice" in payload:
-            choice = payload["tool_choice"]
-            if choice not in self.tool_choices:
-                allowed = " or ".join(repr(c) for c in self.tool_choices)
-                raise InvalidRequest(
-                    f"tool_choice {json.dumps(choice)} is not supported by this backend: use {allowed}.",
-                    param="tool_choice",
-                    code="unsupported_tool_choice",
-                )
-        return messages, tools or None
+
+
+PASSED_TOOLS = 1024
+
+
+def _tools_key(tools: list[Any]) -> tuple[int, int] | None:
+    """Equal orjson bytes are equal tools (so equal verdicts); None for what orjson cannot write
+    (integers beyond 64 bits that json read, nesting past its limit): those are walked each time."""
+    try:
+        raw = orjson.dumps(tools)
+    except TypeError:
+        return None
+    return len(raw), hash(raw)
 
 
 def _depth(value: Any, cap: int) -> int:

@@ -138,6 +138,13 @@ def test_missing_max_tokens_is_capped_for_budgeted_keys(
             content=body.encode(),
             headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
         )
+        # A null cap spelt with an escape is the same member: a spliced cap would come first,
+        # and the backend would read the null after it (no cap at all).
+        escaped = client.post(
+            "/v1/chat/completions",
+            content=(body[:-1] + ', "max\\u005ftokens": null}').encode(),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
         too_big = client.post(
             "/v1/chat/completions",
             json={"model": V3, "messages": SEED_MESSAGES, "max_tokens": 5000},
@@ -152,9 +159,11 @@ def test_missing_max_tokens_is_capped_for_budgeted_keys(
     assert raw[0] == b'{"max_tokens":64,' + body.encode()[1:]
     assert too_big.status_code == 429 and "Request too large" in too_big.json()["error"]["message"]
     assert "retry-after" not in too_big.headers
+    assert escaped.status_code == 200 and seen[1]["max_tokens"] == 64
+    assert raw[1].count(b"max_tokens") == 1
     assert negative.status_code == 400 and negative.json()["error"]["param"] == "max_tokens"
-    assert len(seen) == 1
-    assert [r["reserved_tokens"] for r in settled_rows(db_path)] == [11 + 64]
+    assert len(seen) == 2
+    assert [r["reserved_tokens"] for r in settled_rows(db_path)] == [11 + 64, 11 + 64]
 
 
 def test_backend_failure_releases_the_reservation(

@@ -68,14 +68,17 @@ def test_max_tokens_must_be_a_non_negative_integer(value: Any) -> None:
         b'{"model": "m", "messages": [{"role": "user", "content": "caf\\u00e9 \xc3\xa9"}]}',
         b"  \n{ }",
         b"{}",
-        b'{"nested": {"max_tokens": 1}}',  # named inside: re-serialize, to be safe
+        b'{"nested": {"max_tokens": 1}, "text": "\\"max_tokens\\": 2"}',  # inside: not a member
         b'{"max_tokens": null, "model": "m"}',
+        b'{"max\\u005ftokens": null, "model": "m"}',  # the same member, spelt with an escape
+        b'{"max_tokens": 5, "max_tokens": null}',  # a duplicate: the last one counts
     ],
 )
 def test_with_member_adds_one_member_and_keeps_the_rest_byte_for_byte(body: bytes) -> None:
-    out = with_member(body, "max_tokens", 64)
-    if b'"max_tokens"' in body:
-        assert out is None
+    members = json.loads(body)
+    out = with_member(body, "max_tokens", 64, members)
+    if "max_tokens" in members:
+        assert out is None  # a second max_tokens would be the one the backend reads (null)
         return
     assert out is not None
     assert json.loads(out) == {"max_tokens": 64, **json.loads(body)}
@@ -83,8 +86,8 @@ def test_with_member_adds_one_member_and_keeps_the_rest_byte_for_byte(body: byte
 
 
 def test_with_member_declines_what_it_cannot_splice_safely() -> None:
-    assert with_member('{"a": 1}'.encode("utf-16"), "max_tokens", 1) is None
-    assert with_member(b'\xef\xbb\xbf{"a": 1}', "max_tokens", 1) is None  # BOM
+    assert with_member('{"a": 1}'.encode("utf-16"), "max_tokens", 1, {"a"}) is None
+    assert with_member(b'\xef\xbb\xbf{"a": 1}', "max_tokens", 1, {"a"}) is None  # BOM
 
 
 def test_schema_depth_is_measured_exactly_up_to_the_cap() -> None:
@@ -112,3 +115,41 @@ def test_schema_depth_is_measured_exactly_up_to_the_cap() -> None:
         value = nest(rng.randint(0, 40))
         for cap in (1, 2, 5, 33):
             assert _depth(value, cap) == min(reference(value), cap)
+
+
+def test_a_tool_list_that_passed_is_not_walked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    import copy
+
+    from gateway import validation
+
+    walks: list[Any] = []
+    real = validation._depth
+
+    def depth(value: Any, cap: int) -> int:
+        walks.append(value)
+        return real(value, cap)
+
+    monkeypatch.setattr(validation, "_depth", depth)
+    rules = ChatRules()
+    rules.check(_body())
+    rules.check(_body(tools=copy.deepcopy(SEED_TOOLS)))  # a new request's objects, the same tools
+    assert len(walks) == len(SEED_TOOLS)
+    # Anything else is walked and judged afresh: one nesting level more is refused.
+    deep: dict[str, Any] = {"type": "object"}
+    for _ in range(15):
+        deep = {"type": "object", "properties": {"x": deep}}  # 31 levels
+
+    def tool(parameters: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
+
+    rules.check(_body(tools=tool({"p": deep})))  # 32: the most allowed
+    with pytest.raises(InvalidRequest, match="nests deeper than 32 levels"):
+        rules.check(_body(tools=tool({"p": {"q": deep}})))
+    with pytest.raises(InvalidRequest, match="non-empty string 'name'"):
+        rules.check(_body(tools=[{"type": "function", "function": {"name": ""}}]))
+    # What orjson cannot write (an integer json read beyond 64 bits) is walked every time.
+    big = [{"type": "function", "function": {"name": "f", "parameters": {"default": 2**70}}}]
+    before = len(walks)
+    rules.check(_body(tools=big))
+    rules.check(_body(tools=big))
+    assert len(walks) == before + 2
