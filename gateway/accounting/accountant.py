@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from gateway.accounting import inline
 from gateway.accounting.registry import ModelProfile, Registry
 from gateway.accounting.types import FormatError, Messages, Tools
 
 __all__ = ["Accountant", "Accounting", "Bill", "UnknownModel", "bill"]
 
-# Requests larger than this are counted in a worker thread: long prompts never stall the loop.
+# Requests larger than this are counted in a worker thread (long prompts never stall the loop),
+# unless their format counts piece by piece and the count fits this budget (inline.py).
 OFFLOAD_BYTES = 32 * 1024
 
 
@@ -84,9 +86,19 @@ class Accountant:
 
     async def acount(self, model: str, messages: Messages, tools: Tools | None, size: int) -> Accounting:
         # A first use loads a tokenizer file (up to a second for tekken): never on the loop.
-        if size > OFFLOAD_BYTES or not self.registry.ready(model):
+        if not self.registry.ready(model):
             return await asyncio.to_thread(self.count, model, messages, tools)
-        return self.count(model, messages, tools)
+        if size <= OFFLOAD_BYTES:
+            return self.count(model, messages, tools)
+        left = OFFLOAD_BYTES - inline.MESSAGE_COST * len(messages)
+        if left > 0 and getattr(self.profile(model)[0].format, "piecewise", False):
+            # Mostly segments seen before (a resent history): cheaper here than the hand-off.
+            try:
+                with inline.budget(left):
+                    return self.count(model, messages, tools)
+            except inline.OverBudget:
+                pass
+        return await asyncio.to_thread(self.count, model, messages, tools)
 
 
 @dataclass(frozen=True, slots=True)

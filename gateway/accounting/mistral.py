@@ -121,6 +121,8 @@ def _aggregate(messages: Messages, keep_system: bool) -> tuple[list[_Turn], str 
 class MistralFormat:
     """``version`` 2, 3 or 7 (the instruct format), with the model's sentencepiece or tekken encoder."""
 
+    piecewise = True  # counted segment by segment, tools memoised: see gateway/accounting/inline.py
+
     def __init__(self, version: int, encoder: Encoder) -> None:
         if version not in (2, 3, 7):
             raise ValueError(f"unsupported Mistral format version {version}")
@@ -214,6 +216,7 @@ class MistralV1Format:
     """
 
     exact = False
+    piecewise = True  # see gateway/accounting/inline.py
 
     def __init__(self, encoder: Encoder) -> None:
         self.encoder = encoder

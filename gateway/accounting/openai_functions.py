@@ -38,6 +38,7 @@ GPT4_COSTS = _Costs()
 
 class OpenAIFunctionsFormat:
     exact = True
+    piecewise = True  # counted segment by segment, tools memoised: see gateway/accounting/inline.py
 
     def __init__(self, encoder: Encoder, costs: _Costs = GPT4_COSTS) -> None:
         self.encoder = encoder

@@ -15,6 +15,7 @@ from typing import Generic, TypeVar
 
 import orjson
 
+from gateway.accounting.inline import spend
 from gateway.accounting.types import Tools
 
 __all__ = ["MEMO_SIZE", "ToolMemo"]
@@ -45,6 +46,7 @@ class ToolMemo(Generic[T]):
         key = (len(raw), hash(raw))
         if key in self._memo:
             return self._memo[key]
+        spend(len(raw))  # rendering the tools comes before the tokenizer: charge it (inline.py)
         value = self._derive(tools)
         if self._keep is not None and not self._keep(value):
             return value

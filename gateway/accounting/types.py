@@ -23,6 +23,10 @@ class Count:
 
 
 class Format(Protocol):
+    """A model's prompt format. A format may also set ``piecewise = True``: it counts segment by
+    segment from the messages (tools through a ToolMemo), never rendering the whole prompt, so
+    a budget bounds its work and a long request can be counted on the event loop (inline.py)."""
+
     name: str
 
     def count(self, messages: Messages, tools: Tools | None) -> Count: ...
