@@ -9,8 +9,9 @@ LiteLLM's proxy in front of the same emulator (installed into its own virtualenv
 1. interleaved sequential requests (each target in turn) for the seed's tool request and a
    20-tool, ~8k-token request: p50 and p99, what each adds to the backend alone, and the
    gateway's margin over each floor;
-2. a concurrency sweep with wrk (1, 8, 32, 128 connections): throughput and p99 for each, in
-   interleaved rounds (the median round is kept; each ratio is the median of the rounds' ratios);
+2. a concurrency sweep with wrk (1, 8, 32, 128 connections) for each of the two requests:
+   throughput and p99 for each target, in interleaved rounds (the median round is kept; each
+   ratio is the median of the rounds' ratios);
 3. the gateway's RSS at rest and at its peak under the load.
 
 Writes bench/results/overhead.{json,md}; prints progress as it goes.
@@ -181,14 +182,17 @@ def main() -> int:
                 procs.append(proc)
                 targets["litellm"] = (url, {"Authorization": f"Bearer {master}"})
                 result["litellm_version"] = _litellm_version()
-            seed = {
-                "model": SEED_MODEL,
-                "messages": SEED_MESSAGES,
-                "tools": SEED_TOOLS,
-                "tool_choice": "auto",
+            bodies = {
+                "seed": {
+                    "model": SEED_MODEL,
+                    "messages": SEED_MESSAGES,
+                    "tools": SEED_TOOLS,
+                    "tool_choice": "auto",
+                },
+                "20 tools, 8k tokens": big_request(),
             }
             result["sequential"] = {}
-            for name, body in (("seed", seed), ("20 tools, 8k tokens", big_request())):
+            for name, body in bodies.items():
                 print(f"sequential: {name} ...", flush=True)
                 result["sequential"][name] = sequential(targets, body, args.requests)
                 for target, figures in result["sequential"][name].items():
@@ -196,37 +200,35 @@ def main() -> int:
                         f"  {target:>13}: p50 {figures['p50_ms']:.3f} ms, p99 {figures['p99_ms']:.3f} ms",
                         flush=True,
                     )
-            result["sweep"] = {}
-            result["ratios"] = {}
+            result["sweep"] = {name: {} for name in bodies}
+            result["ratios"] = {name: {} for name in bodies}
             peak = result["rss_mb_at_rest"]
-            for connections in CONNECTIONS:
-                # Rounds, each target in turn: the machine's speed drifts (other tenants, other
-                # processes), and a ratio is fair only between runs made close together.
-                rounds: dict[str, list[dict[str, float]]] = {t: [] for t in targets}
-                for r in range(args.rounds):
-                    for target, (url, headers) in targets.items():
-                        figures = wrk(
-                            url,
-                            headers.get("Authorization", "Bearer x").split()[-1],
-                            args.seconds,
-                            connections,
-                        )
-                        if target == "gateway":
-                            peak = max(peak, rss_mb(gateway.proc.pid))
-                        rounds[target].append(figures)
-                        print(
-                            f"sweep {connections:>3} connections, round {r + 1}/{args.rounds}, {target:>13}: "
-                            f"{figures['throughput_rps']:7.0f} req/s, p99 {figures['p99_ms']:.2f} ms",
-                            flush=True,
-                        )
-                for target, runs in rounds.items():
-                    median = sorted(runs, key=lambda f: f["throughput_rps"])[len(runs) // 2]
-                    result["sweep"][f"{target}@{connections}"] = {**median, "rounds": runs}
-                    if target != "gateway":
-                        result["ratios"][f"gateway/{target}@{connections}"] = statistics.median(
-                            g["throughput_rps"] / o["throughput_rps"]
-                            for g, o in zip(rounds["gateway"], runs, strict=True)
-                        )
+            for name, body in bodies.items():
+                for connections in CONNECTIONS:
+                    # Rounds, each target in turn: the machine's speed drifts (other tenants, other
+                    # processes), and a ratio is fair only between runs made close together.
+                    rounds: dict[str, list[dict[str, float]]] = {t: [] for t in targets}
+                    for r in range(args.rounds):
+                        for target, (url, headers) in targets.items():
+                            token = headers.get("Authorization", "Bearer x").split()[-1]
+                            figures = wrk(url, token, args.seconds, connections, body)
+                            if target == "gateway":
+                                peak = max(peak, rss_mb(gateway.proc.pid))
+                            rounds[target].append(figures)
+                            print(
+                                f"sweep {name}, {connections:>3} connections, round {r + 1}/{args.rounds}, "
+                                f"{target:>13}: {figures['throughput_rps']:7.0f} req/s, "
+                                f"p99 {figures['p99_ms']:.2f} ms",
+                                flush=True,
+                            )
+                    for target, runs in rounds.items():
+                        median = sorted(runs, key=lambda f: f["throughput_rps"])[len(runs) // 2]
+                        result["sweep"][name][f"{target}@{connections}"] = {**median, "rounds": runs}
+                        if target != "gateway":
+                            result["ratios"][name][f"gateway/{target}@{connections}"] = statistics.median(
+                                g["throughput_rps"] / o["throughput_rps"]
+                                for g, o in zip(rounds["gateway"], runs, strict=True)
+                            )
             result["rss_mb_after_load"] = max(peak, rss_mb(gateway.proc.pid))
         finally:
             for proc in procs:
@@ -272,30 +274,30 @@ def report(result: dict[str, Any]) -> str:
                 f"| {name} | gateway - {floor} | | | {g['p50_ms'] - figures[floor]['p50_ms']:.3f} "
                 f"| {g['p99_ms'] - figures[floor]['p99_ms']:.3f} |"
             )
-    targets = [t.split("@")[0] for t in result["sweep"] if t.endswith(f"@{CONNECTIONS[0]}")]
-    md += [
-        "",
-        "| connections | "
-        + " | ".join(f"{t} req/s" for t in targets)
-        + " | gateway p99 ms | "
-        + " | ".join(f"gateway / {t}" for t in targets if t not in ("direct", "gateway"))
-        + " |",
-        "|---:|" + "---:|" * (len(targets) + 1 + len([t for t in targets if t not in ("direct", "gateway")])),
-    ]
-    for c in CONNECTIONS:
-        rps = {t: result["sweep"][f"{t}@{c}"]["throughput_rps"] for t in targets}
-        ratios = [
-            result["ratios"].get(f"gateway/{t}@{c}", rps["gateway"] / rps[t])
-            for t in targets
-            if t not in ("direct", "gateway")
+    for name, sweep in result["sweep"].items():
+        targets = [t.split("@")[0] for t in sweep if t.endswith(f"@{CONNECTIONS[0]}")]
+        others = [t for t in targets if t not in ("direct", "gateway")]
+        md += [
+            "",
+            f"Concurrency sweep, {name} request:",
+            "",
+            "| connections | "
+            + " | ".join(f"{t} req/s" for t in targets)
+            + " | gateway p99 ms | "
+            + " | ".join(f"gateway / {t}" for t in others)
+            + " |",
+            "|---:|" + "---:|" * (len(targets) + 1 + len(others)),
         ]
-        md.append(
-            f"| {c} | "
-            + " | ".join(f"{rps[t]:.0f}" for t in targets)
-            + f" | {result['sweep'][f'gateway@{c}']['p99_ms']:.2f} | "
-            + " | ".join(f"{r:.2f}" for r in ratios)
-            + " |"
-        )
+        for c in CONNECTIONS:
+            rps = {t: sweep[f"{t}@{c}"]["throughput_rps"] for t in targets}
+            ratios = [result["ratios"][name].get(f"gateway/{t}@{c}", rps["gateway"] / rps[t]) for t in others]
+            md.append(
+                f"| {c} | "
+                + " | ".join(f"{rps[t]:.0f}" for t in targets)
+                + f" | {sweep[f'gateway@{c}']['p99_ms']:.2f} | "
+                + " | ".join(f"{r:.2f}" for r in ratios)
+                + " |"
+            )
     md += [
         "",
         f"Gateway RSS: {result['rss_mb_at_rest']:.1f} MB at rest, "

@@ -62,12 +62,16 @@ def micro(n: int) -> float:
     return statistics.median(asyncio.run(run())) * 1e6
 
 
-def wrk(url: str, key: str, seconds: int, connections: int) -> dict[str, float]:
-    """Load from wrk (a C load generator: a Python client would be the bottleneck at 32 connections)."""
+def wrk(
+    url: str, key: str, seconds: int, connections: int, body: dict[str, Any] | None = None
+) -> dict[str, float]:
+    """Load from wrk (a C load generator: a Python client would be the bottleneck at 32 connections),
+    each request a chat completion with ``body`` (default :data:`BODY`)."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(
             'wrk.method = "POST"\n'
-            f"wrk.body = {json.dumps(json.dumps(BODY))}\n"
+            # A Lua string literal: JSON's escapes of a JSON text are Lua's too (\\ \" \n).
+            f"wrk.body = {json.dumps(json.dumps(BODY if body is None else body))}\n"
             'wrk.headers["Content-Type"] = "application/json"\n'
             f'wrk.headers["Authorization"] = "Bearer {key}"\n'
         )
