@@ -12,9 +12,8 @@ from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from gateway import jsonio
+from gateway.accounting.tool_memo import ToolMemo
 from gateway.errors import InvalidRequest
 
 __all__ = [
@@ -112,11 +111,14 @@ class ChatRules:
     max_tools: int = 128
     max_schema_depth: int = 32
     tool_choices: tuple[str, ...] | None = ("auto", "none")  # None: anything goes
-    # Tool lists that passed, by the (length, hash) of their orjson bytes: agents resend the same
-    # tools every turn, and walking twenty schemas for their depth costs a tenth of a millisecond.
-    _passed: dict[tuple[int, int], None] = field(
-        default_factory=dict, init=False, repr=False, compare=False, hash=False
-    )
+    # Tool lists that passed, remembered by their bytes (a ToolMemo; errors are never kept):
+    # agents resend the same tools every turn, and walking twenty schemas for their depth costs
+    # a tenth of a millisecond. What orjson cannot write (integers beyond 64 bits) is walked
+    # each time.
+    _passed: ToolMemo[None] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_passed", ToolMemo(self._check_tools, size=PASSED_TOOLS))
 
     def check(self, payload: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
         """A chat request's messages and tools, checked for the shapes counting relies on."""
@@ -137,14 +139,7 @@ class ChatRules:
             raise InvalidRequest(
                 f"Too many tools: {len(tools)}; this gateway accepts at most {self.max_tools}.", param="tools"
             )
-        key = _tools_key(tools)
-        if key is None or key not in self._passed:
-            self._check_tools(tools)
-            if key is not None:
-                # Plain dict operations are atomic under the GIL; oldest-first eviction.
-                self._passed[key] = None
-                if len(self._passed) > PASSED_TOOLS:
-                    self._passed.pop(next(iter(self._passed)), None)
+        self._passed(tools)
         if tools and self.tool_choices is not None and "tool_choice" in payload:
             choice = payload["tool_choice"]
             if choice not in self.tool_choices:
@@ -176,16 +171,6 @@ class ChatRules:
 
 
 PASSED_TOOLS = 1024
-
-
-def _tools_key(tools: list[Any]) -> tuple[int, int] | None:
-    """Equal orjson bytes are equal tools (so equal verdicts); None for what orjson cannot write
-    (integers beyond 64 bits that json read, nesting past its limit): those are walked each time."""
-    try:
-        raw = orjson.dumps(tools)
-    except TypeError:
-        return None
-    return len(raw), hash(raw)
 
 
 def _depth(value: Any, cap: int) -> int:
