@@ -95,7 +95,10 @@ def test_two_replicas_never_overshoot_a_budget(redis_server: RedisServer, prefix
     limits = Limits(tokens_per_day=15 * 16)
 
     async def run() -> list[Any]:
-        a, b = _replica(redis_server, prefix), _replica(redis_server, prefix)
+        # 100 reserves at once open 100 connections, and a full collection of this test process's
+        # heap (transformers, every tokenizer) pauses it for 0.3 to 0.8 s: past the default 0.5 s
+        # connect timeout. The test is about atomicity across replicas, not about that timeout.
+        a, b = _replica(redis_server, prefix, timeout=5), _replica(redis_server, prefix, timeout=5)
         await a.start()
         await b.start()
         results = await asyncio.gather(
