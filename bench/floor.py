@@ -2,7 +2,8 @@
 
 Pure ASGI on uvicorn (uvloop, httptools) with one shared httpx.AsyncClient whose transport gets
 each request directly, as the gateway's proxy does: it reads the body, forwards it, and returns
-the answer. No auth, no metering, no ledger.
+the answer. No auth, no metering, no ledger. The process runs under the garbage-collector policy
+``gateway serve`` applies (:mod:`gateway.gc_policy`).
 
     python -m bench.floor --port 8090 --upstream http://127.0.0.1:9000/v1/openai
 """
@@ -76,6 +77,16 @@ def floor_app(upstream: str, transport: str | httpx.AsyncBaseTransport = "httpx"
     return app
 
 
+def served(app: Any) -> Any:
+    """The app under the collector policy ``gateway serve`` applies (its default settings):
+    a process setting, so the floor runs with it too and the comparison stays like for like."""
+    from gateway.gc_policy import GcPolicy
+    from gateway.settings import Settings
+
+    defaults = Settings()
+    return GcPolicy(app, threshold=defaults.gc_threshold, freeze=defaults.gc_freeze)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -85,7 +96,7 @@ def main() -> None:
     parser.add_argument("--transport", default="httpx", choices=("httpx", "aiohttp"))
     args = parser.parse_args()
     uvicorn.run(
-        floor_app(args.upstream, args.transport),
+        served(floor_app(args.upstream, args.transport)),
         host="127.0.0.1",
         port=args.port,
         log_level="warning",

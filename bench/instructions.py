@@ -7,6 +7,8 @@ backend's answer canned (no sockets, no server: what is left is the application'
 under ``valgrind --tool=callgrind --separate-threads=yes``, twice per target with different
 request counts, and reports the difference per request: start-up and warm-up cancel out. The
 event-loop thread is the one that bounds throughput; the ledger's writer thread is not counted.
+Both targets run under the garbage-collector policy ``gateway serve`` applies
+(:mod:`gateway.gc_policy`), started through their lifespans as a server starts them.
 
     python -m bench.instructions [--requests 1280] [--target gateway|floor|both]   (needs valgrind)
 
@@ -37,7 +39,7 @@ from typing import Any
 
 import httpx
 
-from bench.floor import floor_app
+from bench.floor import floor_app, served
 from bench.quota import ALL_LIMITS, BODY
 
 WARM_UP = 320
@@ -81,15 +83,16 @@ async def _serve(target: str, requests: int) -> float:
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     with tempfile.TemporaryDirectory() as tmp:
         if target == "floor":
-            app, shutdown = floor_app("http://backend.test/v1/openai", _Canned()), None
+            app = served(floor_app("http://backend.test/v1/openai", _Canned()))
         else:
             settings = Settings(db=f"{tmp}/bench.db", upstream_url="http://backend.test/v1/openai")
             _, key = KeyStore(open_db(settings.db), load_key_secret(settings)).create(
                 "bench", limits=ALL_LIMITS.as_dict()
             )
             headers.append((b"authorization", b"Bearer " + key.encode()))
-            app = create_app(settings, transport=_Canned())
-            shutdown = await _start(app)
+            app = served(create_app(settings, transport=_Canned()))
+        # Both as served: the collector policy of `gateway serve` (the floor's server too).
+        shutdown = await _start(app)
         statuses: list[int] = []
 
         async def one() -> None:
@@ -132,8 +135,7 @@ async def _serve(target: str, requests: int) -> float:
             cpu = time.thread_time()
             await asyncio.gather(*(worker(n // CONCURRENCY) for _ in range(CONCURRENCY)))
             cpu = time.thread_time() - cpu
-        if shutdown is not None:
-            await shutdown()
+        await shutdown()
     if set(statuses) != {200}:
         raise SystemExit(f"the {target} answered {sorted(set(statuses))}, not only 200")
     return cpu

@@ -444,6 +444,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.gc_policy import GcPolicy
 
     settings = _settings(
         args,
@@ -461,7 +462,7 @@ def _serve(args: argparse.Namespace) -> int:
         port = _start_emulator_thread(settings.emulator_latency)
         settings = dataclasses.replace(settings, upstream_url=f"http://127.0.0.1:{port}/v1/openai")
         _print_demo(settings)
-    app = create_app(settings)
+    app = GcPolicy(create_app(settings), threshold=settings.gc_threshold, freeze=settings.gc_freeze)
     uvicorn.run(
         app,
         host=settings.host,

@@ -67,6 +67,11 @@ class Settings:
     # (httpx's own httpcore pool).
     upstream_transport: str = "aiohttp"
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # `gateway serve`'s garbage collector (gateway.gc_policy): the first generation's threshold
+    # (Python's own is 700; 0 keeps Python's thresholds), and whether the heap is frozen out of
+    # collections once the application has started.
+    gc_threshold: int = 7000
+    gc_freeze: bool = True
     # Latency the embedded demo emulator adds per answer (only used without upstream_url).
     emulator_latency: float = 0.0
     log_level: str = "info"
