@@ -2,11 +2,10 @@
 heap frozen out of the old ones.
 
 CPython collects its youngest generation every 700 net container allocations. A proxied
-request allocates a few hundred, so under load a collection ran about every other request and
-walked every request still in flight: 2 to 3.5% of the event loop's CPU under 32 concurrent
-requests (``perf``), about 10,000 instructions per request (``bench.instructions``). A higher
-first threshold lets most of a request's objects die by reference counting before any
-collection sees them.
+request allocates a few hundred, so under load a collection ran every request or two and walked
+every request still in flight, out of the caches: 3% of the gateway's CPU under 32 concurrent
+requests (``perf``), 0.2% with this policy. A higher first threshold lets most of a request's
+objects die by reference counting before any collection sees them.
 
 A full collection walks every tracked object in the process: the registry, the tokenizers,
 the modules (41 to 47 ms in a running gateway, an event loop stalled that long). Once the
