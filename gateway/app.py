@@ -228,6 +228,10 @@ def _quota_store(settings: Settings, metrics: Metrics, instance: str) -> LocalQu
         return LocalQuota()
     from gateway.redis_quota import RedisQuota
 
+    if settings.redis_max_connections < 1:
+        raise ConfigError(
+            f"setting 'redis_max_connections': {settings.redis_max_connections} is not at least 1"
+        )
     return RedisQuota(
         settings.redis_url,
         fail_open=settings.quota_fail_open,
@@ -235,6 +239,7 @@ def _quota_store(settings: Settings, metrics: Metrics, instance: str) -> LocalQu
         instance=instance,
         on_error=lambda op: metrics.quota_store_errors.labels(op).inc(),
         replica_timeout=settings.replica_timeout,
+        max_connections=settings.redis_max_connections,
     )
 
 

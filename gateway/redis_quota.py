@@ -226,6 +226,9 @@ end
 return released
 """
 
+# Seconds a quota call waits for one of the process's Redis connections to be free.
+POOL_WAIT = 5.0
+
 # (key_id, day tokens, month tokens, month spend) per key, from the ledger.
 Totals = Callable[[float], Iterable[tuple[int, int, int, int]]]
 
@@ -241,6 +244,7 @@ class RedisQuota:
         on_error: Callable[[str], None] | None = None,
         timeout: float = 0.5,
         replica_timeout: float = 30.0,
+        max_connections: int = 64,
     ) -> None:
         self._alive_ttl = max(1, round(replica_timeout))
         self.url = url
@@ -248,9 +252,21 @@ class RedisQuota:
         self.prefix = prefix
         self.instance = instance or uuid.uuid4().hex[:16]
         self._on_error = on_error
-        self._redis = aioredis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True
+        # A bounded pool that queues: concurrent requests share a few connections instead of
+        # opening one each (redis-py's own pool opens up to 100, then refuses the next call with
+        # "Too many connections", a 503 here). A call waits for a free connection up to
+        # POOL_WAIT: under overload that queue is as long as the event loop's. Redis itself
+        # still gets ``timeout`` per call.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=max(timeout, POOL_WAIT),
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            decode_responses=True,
+            client_name=f"gateway-{self.instance}",  # which replica a connection is, in CLIENT LIST
         )
+        self._redis = aioredis.Redis.from_pool(pool)
         self._reserve = self._redis.register_script(_RESERVE)
         self._settle = self._redis.register_script(_SETTLE)
         self._windows = self._redis.register_script(_WINDOWS)

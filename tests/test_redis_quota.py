@@ -95,9 +95,9 @@ def test_two_replicas_never_overshoot_a_budget(redis_server: RedisServer, prefix
     limits = Limits(tokens_per_day=15 * 16)
 
     async def run() -> list[Any]:
-        # 100 reserves at once open 100 connections, and a full collection of this test process's
-        # heap (transformers, every tokenizer) pauses it for 0.3 to 0.8 s: past the default 0.5 s
-        # connect timeout. The test is about atomicity across replicas, not about that timeout.
+        # 100 reserves at once open 50 connections per replica, and a full collection of this test
+        # process's heap (transformers, every tokenizer) pauses it for 0.3 to 0.8 s: past the
+        # default 0.5 s connect timeout. The test is about atomicity across replicas, not that.
         a, b = _replica(redis_server, prefix, timeout=5), _replica(redis_server, prefix, timeout=5)
         await a.start()
         await b.start()
@@ -110,6 +110,58 @@ def test_two_replicas_never_overshoot_a_budget(redis_server: RedisServer, prefix
 
     results = _run(run())
     assert sum(isinstance(r, Reservation) for r in results) == 15
+
+
+def test_a_burst_shares_a_bounded_pool_of_connections(redis_server: RedisServer, prefix: str) -> None:
+    """200 reserves at once from one replica: all decided, over at most ``max_connections``
+    connections (redis-py's default pool would open one per call, each racing its connect
+    timeout)."""
+    limits = Limits(tokens_per_day=10**9, max_concurrent=10**6)
+    store = _replica(redis_server, prefix, max_connections=4, timeout=5)
+    name = f"gateway-{store.instance}"
+
+    async def run() -> tuple[list[Any], int]:
+        await store.start()
+        results = await asyncio.gather(*(store.reserve(1, limits, Demand(16, 0), NOON) for _ in range(200)))
+        clients = redis.Redis(port=redis_server.port).client_list()
+        await store.aclose()
+        return results, sum(c["name"] == name for c in clients)
+
+    results, connections = _run(run())
+    assert all(isinstance(r, Reservation) for r in results)
+    assert 1 <= connections <= 4
+
+
+def test_more_concurrent_calls_than_connections_wait_instead_of_failing(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """redis-py's own pool refuses the 101st concurrent call ("Too many connections"), which a
+    fail-closed gateway turned into a 503 for every request past 100 in flight."""
+    limits = Limits(tokens_per_day=10**9, max_concurrent=10**6)
+
+    async def run() -> list[Any]:
+        store = _replica(redis_server, prefix, timeout=5)
+        await store.start()
+        try:
+            return await asyncio.gather(*(store.reserve(1, limits, Demand(16, 0), NOON) for _ in range(300)))
+        finally:
+            await store.aclose()
+
+    assert all(isinstance(r, Reservation) for r in _run(run()))
+
+
+def test_a_pool_of_no_connections_is_a_configuration_error(tmp_path: Any) -> None:
+    from gateway.app import create_app
+    from gateway.settings import ConfigError, Settings
+
+    settings = Settings(
+        db=str(tmp_path / "g.db"),
+        upstream_url="http://127.0.0.1:9/v1",
+        redis_url="redis://127.0.0.1:9/0",
+        redis_max_connections=0,
+    )
+    with pytest.raises(ConfigError, match="redis_max_connections"):
+        create_app(settings)
 
 
 def test_settlement_counts_in_the_period_and_keys_expire(redis_server: RedisServer, prefix: str) -> None:
