@@ -427,8 +427,15 @@ def window_states(
         reset = first_request + MINUTE if first_request is not None else now
         out.append(WindowState("rpm", limits.rpm, requests, 0, reset))
     if limits.tpm is not None:
-        reset = first_tokens + MINUTE if first_tokens is not None else now
-        out.append(WindowState("tpm", limits.tpm, minute_tokens, reserved_tokens, reset))
+        out.append(
+            WindowState(
+                "tpm",
+                limits.tpm,
+                minute_tokens,
+                reserved_tokens,
+                _tpm_reset(now, first_tokens, reserved_tokens),
+            )
+        )
     p = _periods(now)
     day_end, month_end = p.day_end, p.next_month_start
     if limits.tokens_per_day is not None:
@@ -444,6 +451,15 @@ def window_states(
     if limits.max_concurrent is not None:
         out.append(WindowState("max_concurrent", limits.max_concurrent, in_flight, 0, now))
     return out
+
+
+def _tpm_reset(now: float, first_tokens: float | None, reserved_tokens: int) -> float:
+    """When the tokens-per-minute window is whole again: a minute after its oldest settled
+    tokens; with only reservations held, a minute from now at the soonest (their tokens count
+    in the window for a minute once settled), not now."""
+    if first_tokens is not None:
+        return first_tokens + MINUTE
+    return now + MINUTE if reserved_tokens else now
 
 
 def rate_windows(windows: list[WindowState]) -> RateWindows:
@@ -476,7 +492,7 @@ def rate_windows_of(
         reset = first_request + MINUTE if first_request is not None else now
         requests_window = WindowState("rpm", limits.rpm, requests, 0, reset)
     if limits.tpm is not None:
-        reset = first_tokens + MINUTE if first_tokens is not None else now
+        reset = _tpm_reset(now, first_tokens, reserved_tokens)
         return requests_window, WindowState("tpm", limits.tpm, minute_tokens, reserved_tokens, reset)
     per_day, per_month = limits.tokens_per_day, limits.tokens_per_month
     if per_day is None and per_month is None:

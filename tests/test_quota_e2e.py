@@ -90,6 +90,9 @@ def test_rate_headers_limits_endpoint_prices_and_live_limit_changes(
         assert first.headers["x-ratelimit-reset-requests"].endswith("s")
         assert first.headers["x-ratelimit-limit-tokens"] == "10000"
         assert int(first.headers["x-ratelimit-remaining-tokens"]) < 10000
+        # Only this request's reservation is held: the window is whole again a minute after it
+        # settles, not now.
+        assert first.headers["x-ratelimit-reset-tokens"] == "1m0s"
         httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=auth)
         httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=auth)
         limited = httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=auth)
