@@ -427,15 +427,8 @@ def window_states(
         reset = first_request + MINUTE if first_request is not None else now
         out.append(WindowState("rpm", limits.rpm, requests, 0, reset))
     if limits.tpm is not None:
-        out.append(
-            WindowState(
-                "tpm",
-                limits.tpm,
-                minute_tokens,
-                reserved_tokens,
-                _tpm_reset(now, first_tokens, reserved_tokens),
-            )
-        )
+        reset = _tpm_reset(now, first_tokens, reserved_tokens)
+        out.append(WindowState("tpm", limits.tpm, minute_tokens, reserved_tokens, reset))
     p = _periods(now)
     day_end, month_end = p.day_end, p.next_month_start
     if limits.tokens_per_day is not None:
