@@ -23,6 +23,11 @@ __all__ = ["ConfigError", "Settings"]
 DEFAULT_DB = "gateway.db"
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 ENV_PREFIX = "GATEWAY_"
+# The words a boolean setting may be written as (any other is an error, never a silent false).
+_BOOLS = {
+    **dict.fromkeys(("1", "true", "yes", "on"), True),
+    **dict.fromkeys(("0", "false", "no", "off"), False),
+}
 REGISTRY_TABLES = ("tokenizers", "models")
 
 
@@ -172,7 +177,10 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
             return float(value)
         if kind.startswith("bool"):
             if isinstance(value, str):
-                return value.strip().lower() in {"1", "true", "yes", "on"}
+                word = value.strip().lower()
+                if word not in _BOOLS:
+                    raise ValueError(word)  # a typo must not read as false
+                return _BOOLS[word]
             return bool(value)
     except (TypeError, ValueError):
         raise ConfigError(f"setting {name!r}: {value!r} is not a valid {kind.split()[0]}") from None

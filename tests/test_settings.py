@@ -57,3 +57,10 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) ->
 def test_missing_config_file() -> None:
     with pytest.raises(ConfigError, match="not found"):
         Settings.load(config_file="/nonexistent/gw.toml", env={})
+
+
+def test_a_boolean_setting_reads_the_usual_words_and_refuses_others() -> None:
+    for word, expected in (("true", True), ("Yes", True), ("1", True), ("off", False), (" false ", False)):
+        assert Settings.load(env={"GATEWAY_GC_FREEZE": word}).gc_freeze is expected
+    with pytest.raises(ConfigError, match="gc_freeze"):
+        Settings.load(env={"GATEWAY_GC_FREEZE": "maybe"})
