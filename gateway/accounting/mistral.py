@@ -78,44 +78,56 @@ class _Turn:
         self.tool_call_id = tool_call_id
 
 
-def _aggregate(messages: Messages, keep_system: bool) -> tuple[list[_Turn], str | None]:
+def _aggregate(messages: Messages, keep_system: bool) -> tuple[list[_Turn], str | None, int]:
+    """The messages as turns (runs of one role merged), the system text (v2/v3: it prefixes the
+    last user turn), and the index of the last user turn (-1 if none).
+
+    One pass, run by run: a resent history of a hundred messages is walked on every request."""
     turns: list[_Turn] = []
     system: list[str] = []
-    run: list[dict[str, Any]] = []
-
-    def flush() -> None:
-        if not run:
-            return
-        role = run[0].get("role")
-        if len(run) == 1 and (role == "user" or role == "assistant"):
+    last_user = -1
+    n = len(messages)
+    i = 0
+    while i < n:
+        message = messages[i]
+        role = message.get("role")
+        if role not in _ROLES:
+            raise FormatError(f"unsupported message role {role!r}")
+        j = i + 1
+        while j < n and messages[j].get("role") == role:
+            j += 1
+        if j == i + 1 and (role == "user" or role == "assistant"):
             # Most turns are one message (roles alternate): no lists to join.
-            only = run[0]
-            turns.append(_Turn(role, text_of(only.get("content")), [*(only.get("tool_calls") or ())]))
+            if role == "user":
+                last_user = len(turns)
+            turns.append(_Turn(role, text_of(message.get("content")), [*(message.get("tool_calls") or ())]))
         elif role == "user" or role == "assistant":
+            run = messages[i:j]
             texts = [text_of(m.get("content")) for m in run]
             calls = [c for m in run for c in (m.get("tool_calls") or [])]
-            turns.append(_Turn(str(role), JOIN.join(t for t in texts if t), calls))
+            if role == "user":
+                last_user = len(turns)
+            turns.append(_Turn(role, JOIN.join(t for t in texts if t), calls))
         elif role == "tool":
             turns.extend(
-                _Turn("tool", text_of(m.get("content")), tool_call_id=m.get("tool_call_id")) for m in run
+                _Turn("tool", text_of(m.get("content")), tool_call_id=m.get("tool_call_id"))
+                for m in messages[i:j]
             )
-        elif keep_system:
-            turns.extend(_Turn("system", text_of(m.get("content"))) for m in run)
-        run.clear()
-
-    for message in messages:
-        role = message.get("role")
-        if role not in ("user", "assistant", "tool", "system"):
-            raise FormatError(f"unsupported message role {role!r}")
-        if role == "system" and text_of(message.get("content")):
-            system.append(text_of(message.get("content")))
-        if run and run[0].get("role") != role:
-            flush()
-        run.append(message)
-    flush()
+        else:  # system messages break runs; v7 keeps each where it stands
+            for m in messages[i:j]:
+                text = text_of(m.get("content"))
+                if text:
+                    system.append(text)
+                if keep_system:
+                    turns.append(_Turn("system", text))
+        i = j
     if not turns or (not keep_system and turns[0].role != "user"):
         turns.insert(0, _Turn("user"))
-    return turns, (JOIN.join(system) if system else None)
+        last_user += 1  # the inserted turn is the last user turn if there was none
+    return turns, (JOIN.join(system) if system else None), last_user
+
+
+_ROLES = ("user", "assistant", "tool", "system")  # compared by equality: a role may be any JSON value
 
 
 class MistralFormat:
@@ -141,8 +153,7 @@ class MistralFormat:
 
     def count(self, messages: Messages, tools: Tools | None) -> Count:
         v7 = self.version >= 7
-        turns, system = _aggregate(messages, keep_system=v7)
-        last_user = max((i for i, t in enumerate(turns) if t.role == "user"), default=-1)
+        turns, system, last_user = _aggregate(messages, keep_system=v7)
         enc = self.encoder.count
         total = 1  # <s>
         for i, turn in enumerate(turns):
