@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import jsonio
-from gateway.accounting.tool_memo import ToolMemo
+from gateway.accounting.tool_memo import ToolMemo, keyed
 from gateway.errors import InvalidRequest
 
 __all__ = [
@@ -139,6 +139,7 @@ class ChatRules:
             raise InvalidRequest(
                 f"Too many tools: {len(tools)}; this gateway accepts at most {self.max_tools}.", param="tools"
             )
+        tools = keyed(tools)  # serialized once, for this memo and the format's
         self._passed(tools)
         if tools and self.tool_choices is not None and "tool_choice" in payload:
             choice = payload["tool_choice"]

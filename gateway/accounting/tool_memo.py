@@ -6,6 +6,9 @@ tools alone, but reaching the tokenizer's cache first means rendering them in th
 JSON, in Python: a tenth of a millisecond for twenty tools. The tools' orjson bytes are a key a C
 encoder makes in a microsecond or two, and equal bytes are equal tools. Entries are keyed by the
 length and hash of those bytes (the key keeps no request text) and bounded in number.
+
+A request meets several memos (the checks, then its format's count): :func:`keyed` makes its
+tool list carry the key, serialized once, for all of them.
 """
 
 from __future__ import annotations
@@ -18,10 +21,36 @@ import orjson
 from gateway.accounting.inline import spend
 from gateway.accounting.types import Tools
 
-__all__ = ["MEMO_SIZE", "ToolMemo"]
+__all__ = ["MEMO_SIZE", "KeyedTools", "ToolMemo", "keyed"]
 
 MEMO_SIZE = 4096
 T = TypeVar("T")
+Key = tuple[int, int]
+
+
+class KeyedTools(list):  # type: ignore[type-arg]
+    """One request's tool list with its memo key (None: orjson cannot write it). Read-only: the
+    key is not recomputed if the list changes."""
+
+    __slots__ = ("key",)
+    key: Key | None
+
+
+def keyed(tools: Tools) -> KeyedTools:
+    """``tools`` carrying their key, serialized here once for every memo the request meets."""
+    if type(tools) is KeyedTools:
+        return tools
+    out = KeyedTools(tools)
+    out.key = _key(tools)
+    return out
+
+
+def _key(tools: Tools) -> Key | None:
+    try:
+        raw = orjson.dumps(tools)
+    except TypeError:  # integers beyond 64 bits and the like (json read them): no key
+        return None
+    return (len(raw), hash(raw))
 
 
 class ToolMemo(Generic[T]):
@@ -36,17 +65,15 @@ class ToolMemo(Generic[T]):
         self._keep = keep
         # Plain dict operations are atomic under the GIL: counts that run off the event loop
         # (long prompts) share the memo without a lock. Oldest-first eviction.
-        self._memo: dict[tuple[int, int], T] = {}
+        self._memo: dict[Key, T] = {}
 
     def __call__(self, tools: Tools) -> T:
-        try:
-            raw = orjson.dumps(tools)
-        except TypeError:  # integers beyond 64 bits and the like (json read them): no key
+        key = tools.key if type(tools) is KeyedTools else _key(tools)
+        if key is None:
             return self._derive(tools)
-        key = (len(raw), hash(raw))
         if key in self._memo:
             return self._memo[key]
-        spend(len(raw))  # rendering the tools comes before the tokenizer: charge it (inline.py)
+        spend(key[0])  # rendering the tools comes before the tokenizer: charge it (inline.py)
         value = self._derive(tools)
         if self._keep is not None and not self._keep(value):
             return value

@@ -96,3 +96,34 @@ def test_counts_through_the_memo_equal_fresh_counts(model: str) -> None:
             for memo in memos:
                 memo.clear()
             assert accountant.count(model, messages, tools) == through_memo
+
+
+def test_a_keyed_list_is_serialized_once_for_every_memo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checks' memo and the format's meet the same request: one serialization between them."""
+    from gateway.accounting import tool_memo
+
+    serialized: list[Tools] = []
+    real = tool_memo._key
+
+    def spying(tools: Tools) -> tuple[int, int] | None:
+        serialized.append(tools)
+        return real(tools)
+
+    monkeypatch.setattr(tool_memo, "_key", spying)
+    spy, calls = counting(lambda tools: len(tools_json(tools)))
+    first, second = ToolMemo(spy), ToolMemo(lambda tools: "checked")
+    tools = tool_memo.keyed(copy.deepcopy(SEED_TOOLS))
+    assert tool_memo.keyed(tools) is tools
+    assert second(tools) == "checked" and first(tools) == len(tools_json(SEED_TOOLS))
+    assert len(serialized) == 1
+    # The same entry as the plain list's (a request that was not keyed, e.g. an older caller).
+    assert first(copy.deepcopy(SEED_TOOLS)) == len(tools_json(SEED_TOOLS)) and len(calls) == 1
+    assert len(serialized) == 2
+
+
+def test_chat_checks_hand_the_format_keyed_tools() -> None:
+    from gateway.accounting.tool_memo import KeyedTools
+    from gateway.validation import ChatRules
+
+    _, tools = ChatRules().check({"messages": SEED_MESSAGES, "tools": copy.deepcopy(SEED_TOOLS)})
+    assert type(tools) is KeyedTools and tools == SEED_TOOLS and tools.key is not None
