@@ -88,6 +88,8 @@ def test_with_member_adds_one_member_and_keeps_the_rest_byte_for_byte(body: byte
 def test_with_member_declines_what_it_cannot_splice_safely() -> None:
     assert with_member('{"a": 1}'.encode("utf-16"), "max_tokens", 1, {"a"}) is None
     assert with_member(b'\xef\xbb\xbf{"a": 1}', "max_tokens", 1, {"a"}) is None  # BOM
+    for encoding in ("utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"):  # no BOM: NUL bytes
+        assert with_member(' {"a": 1}'.encode(encoding), "max_tokens", 1, {"a"}) is None
 
 
 def test_schema_depth_is_measured_exactly_up_to_the_cap() -> None:
@@ -153,3 +155,24 @@ def test_a_tool_list_that_passed_is_not_walked_again(monkeypatch: pytest.MonkeyP
     rules.check(_body(tools=big))
     rules.check(_body(tools=big))
     assert len(walks) == before + 2
+
+
+@pytest.mark.parametrize(
+    ("messages", "index"),
+    [
+        ([{"role": "user"}, {"role": "assistant"}, "text"], 2),
+        ([{"role": "user"}, {"role": 3}], 1),
+        ([{"content": "no role"}], 0),
+        ([{"role": "user"}, {"role": ["user"]}, None], 1),
+    ],
+)
+def test_each_message_needs_an_object_with_a_string_role(messages: list[Any], index: int) -> None:
+    with pytest.raises(InvalidRequest, match=rf"messages\[{index}\] must be an object with a string 'role'"):
+        ChatRules().check({"messages": messages})
+
+
+def test_messages_of_a_dict_subclass_pass() -> None:
+    from collections import OrderedDict
+
+    messages = [OrderedDict(role="user", content="hi")]
+    assert ChatRules().check({"messages": messages}) == (messages, None)
