@@ -1,9 +1,10 @@
 """The floor for any Python gateway: a bare pass-through proxy on the same server and HTTP client.
 
-Pure ASGI on uvicorn (uvloop, httptools) with one shared httpx.AsyncClient whose transport gets
-each request directly, as the gateway's proxy does: it reads the body, forwards it, and returns
-the answer. No auth, no metering, no ledger. The process runs under the garbage-collector policy
-``gateway serve`` applies (:mod:`gateway.gc_policy`).
+Pure ASGI on uvicorn (uvloop, httptools; no Server header and no forwarded-headers middleware,
+as ``gateway serve`` runs it) with one shared httpx.AsyncClient whose transport gets each request
+directly, as the gateway's proxy does: it reads the body, forwards it, and returns the answer
+framed by its length, as the gateway does. No auth, no metering, no ledger. The process runs
+under the garbage-collector policy ``gateway serve`` applies (:mod:`gateway.gc_policy`).
 
     python -m bench.floor --port 8090 --upstream http://127.0.0.1:9000/v1/openai
 """
@@ -65,13 +66,9 @@ def floor_app(upstream: str, transport: str | httpx.AsyncBaseTransport = "httpx"
             content = await response.aread()
         finally:
             await response.aclose()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status_code,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
+        # Framed by its length, as the gateway frames its answers (uvicorn would chunk it).
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content))]
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": content})
 
     return app
@@ -100,7 +97,11 @@ def main() -> None:
         host="127.0.0.1",
         port=args.port,
         log_level="warning",
+        # The server as `gateway serve` runs it without trusted proxies: no Server header, no
+        # forwarded-headers middleware around the app.
         access_log=False,
+        server_header=False,
+        proxy_headers=False,
         loop="uvloop",
         http="httptools",
     )
