@@ -10,10 +10,14 @@ event-loop thread is the one that bounds throughput; the ledger's writer thread 
 Both targets run under the garbage-collector policy ``gateway serve`` applies
 (:mod:`gateway.gc_policy`), started through their lifespans as a server starts them.
 
-    python -m bench.instructions [--requests 1280] [--target gateway|floor|both]   (needs valgrind)
+    python -m bench.instructions [--requests 1280] [--target gateway|floor|both]
+                                 [--request plain|seed|long]   (needs valgrind)
 
-One target takes a few minutes (valgrind runs Python about fifty times slower). Writes
-bench/results/instructions.json.
+``--request``: ``plain`` (default) is one message without tools, with ``max_tokens``; ``seed``
+the seed's request (its tools, no ``max_tokens``); ``long`` the benchmark's 20-tool, 8k-token
+request. The canned answer reports the gateway's own prompt count, so nothing mismatches. One
+target takes a few minutes (valgrind runs Python about fifty times slower). Writes
+bench/results/instructions.json (``instructions-<request>.json`` for the others).
 
 Instructions leave out the time the kernel spends on the thread's system calls, and what the
 thread loses handing the interpreter lock to the writer thread. ``--cpu`` measures that too:
@@ -44,34 +48,61 @@ from bench.quota import ALL_LIMITS, BODY
 
 WARM_UP = 320
 CONCURRENCY = 32
-# What the emulator answers to BODY (11 prompt tokens: the gateway's own count, so no mismatch).
-ANSWER = json.dumps(
-    {
-        "id": "chatcmpl-1",
-        "object": "chat.completion",
-        "created": 1795559610,
-        "model": BODY["model"],
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "You asked about the weather."},
-                "finish_reason": "length",
-            }
-        ],
-        "usage": {"prompt_tokens": 11, "completion_tokens": 16, "total_tokens": 27},
-    }
-).encode()
+
+
+def request_body(name: str) -> dict[str, Any]:
+    """The measured request: ``plain``, ``seed`` or ``long`` (see the module's docstring)."""
+    if name == "plain":
+        return BODY
+    if name == "seed":
+        from gateway.emulator.seed import SEED_MESSAGES, SEED_MODEL, SEED_TOOLS
+
+        return {"model": SEED_MODEL, "messages": SEED_MESSAGES, "tools": SEED_TOOLS, "tool_choice": "auto"}
+    from bench.overhead import big_request
+
+    return big_request()
+
+
+def answer_to(body: dict[str, Any]) -> bytes:
+    """What the backend answers: its prompt_tokens is the gateway's own count (no mismatch)."""
+    from gateway.accounting.accountant import Accountant
+    from gateway.accounting.registry import Registry
+
+    counted = Accountant(Registry.load()).count(body["model"], body["messages"], body.get("tools"))
+    return json.dumps(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 1795559610,
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "You asked about the weather."},
+                    "finish_reason": "length",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": counted.prompt_tokens,
+                "completion_tokens": 16,
+                "total_tokens": counted.prompt_tokens + 16,
+            },
+        }
+    ).encode()
 
 
 class _Canned(httpx.AsyncBaseTransport):
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         await request.aread()
         await asyncio.sleep(0)  # the network: one turn of the event loop
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(ANSWER))]
-        return httpx.Response(200, headers=headers, stream=httpx.ByteStream(ANSWER))
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(self.answer))]
+        return httpx.Response(200, headers=headers, stream=httpx.ByteStream(self.answer))
 
 
-async def _serve(target: str, requests: int) -> float:
+async def _serve(target: str, requests: int, request: str = "plain") -> float:
     """The measured program: WARM_UP then ``requests`` requests, CONCURRENCY at a time.
     Returns the event-loop thread's CPU seconds for the ``requests``."""
     from gateway.app import create_app
@@ -79,18 +110,20 @@ async def _serve(target: str, requests: int) -> float:
     from gateway.keys import KeyStore, load_key_secret
     from gateway.settings import Settings
 
-    body = json.dumps(BODY).encode()
+    payload = request_body(request)
+    answer = answer_to(payload)
+    body = json.dumps(payload).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     with tempfile.TemporaryDirectory() as tmp:
         if target == "floor":
-            app = served(floor_app("http://backend.test/v1/openai", _Canned()))
+            app = served(floor_app("http://backend.test/v1/openai", _Canned(answer)))
         else:
             settings = Settings(db=f"{tmp}/bench.db", upstream_url="http://backend.test/v1/openai")
             _, key = KeyStore(open_db(settings.db), load_key_secret(settings)).create(
                 "bench", limits=ALL_LIMITS.as_dict()
             )
             headers.append((b"authorization", b"Bearer " + key.encode()))
-            app = served(create_app(settings, transport=_Canned()))
+            app = served(create_app(settings, transport=_Canned(answer)))
         # Both as served: the collector policy of `gateway serve` (the floor's server too).
         shutdown = await _start(app)
         statuses: list[int] = []
@@ -158,7 +191,7 @@ async def _start(app: Any) -> Any:
     return shutdown
 
 
-def _count(target: str, requests: int) -> int:
+def _count(target: str, requests: int, request: str) -> int:
     """Instructions the event-loop thread executed in one run of the measured program."""
     with tempfile.TemporaryDirectory() as out:
         subprocess.run(
@@ -173,6 +206,7 @@ def _count(target: str, requests: int) -> int:
                 "--serve",
                 target,
                 str(requests),
+                request,
             ],
             check=True,
             capture_output=True,
@@ -184,10 +218,10 @@ def _count(target: str, requests: int) -> int:
     raise RuntimeError("callgrind wrote no summary")
 
 
-def _cpu(target: str, requests: int) -> float:
+def _cpu(target: str, requests: int, request: str) -> float:
     """Microseconds of the event-loop thread's CPU per request, in a fresh process."""
     out = subprocess.run(
-        [sys.executable, "-m", "bench.instructions", "--serve", target, str(requests)],
+        [sys.executable, "-m", "bench.instructions", "--serve", target, str(requests), request],
         check=True,
         capture_output=True,
         text=True,
@@ -196,10 +230,15 @@ def _cpu(target: str, requests: int) -> float:
 
 
 def _cpu_times(args: argparse.Namespace, targets: tuple[str, ...], requests: int) -> dict[str, Any]:
-    result: dict[str, Any] = {"python": sys.version.split()[0], "requests": requests, "rounds": {}}
+    result: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "request": args.request,
+        "requests": requests,
+        "rounds": {},
+    }
     for r in range(args.rounds):
         for target in targets:
-            us = _cpu(target, requests)
+            us = _cpu(target, requests, args.request)
             result["rounds"].setdefault(target, []).append(round(us, 1))
             print(f"round {r + 1}/{args.rounds}, {target}: {us:.1f} µs of CPU per request", flush=True)
     for target in targets:
@@ -221,42 +260,53 @@ def main() -> int:
     parser.add_argument("--target", choices=("gateway", "floor", "both"), default="both")
     parser.add_argument("--cpu", action="store_true", help="CPU time per request instead (no valgrind)")
     parser.add_argument("--rounds", type=int, default=5, help="with --cpu: runs per target (default 5)")
-    parser.add_argument("--serve", nargs=2, metavar=("TARGET", "N"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--request",
+        choices=("plain", "seed", "long"),
+        default="plain",
+        help="plain: one message, max_tokens (default); seed: the seed's tools; long: 20 tools, 8k tokens",
+    )
+    parser.add_argument("--serve", nargs=3, metavar=("TARGET", "N", "REQUEST"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
     if args.serve:
         import uvloop
 
         uvloop.install()
-        cpu = asyncio.run(_serve(args.serve[0], int(args.serve[1])))
+        cpu = asyncio.run(_serve(args.serve[0], int(args.serve[1]), args.serve[2]))
         print(json.dumps({"cpu_us_per_request": cpu / int(args.serve[1]) * 1e6}))
         return 0
     targets = ("gateway", "floor") if args.target == "both" else (args.target,)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    suffix = "" if args.request == "plain" else f"-{args.request}"
     if args.cpu:
         requests = max(CONCURRENCY, (args.requests or 6400) // CONCURRENCY * CONCURRENCY)
         cpu = _cpu_times(args, targets, requests)
-        (out / "cpu.json").write_text(json.dumps(cpu, indent=2))
+        (out / f"cpu{suffix}.json").write_text(json.dumps(cpu, indent=2))
         return 0
     if shutil.which("valgrind") is None:
         raise SystemExit("bench.instructions needs valgrind (Debian: apt-get install -y valgrind)")
     # Both runs pay start-up and warm-up; their difference is the requests (whole rounds).
     short, long = CONCURRENCY, max(2, (args.requests or 1280) // CONCURRENCY) * CONCURRENCY
-    result: dict[str, Any] = {"python": sys.version.split()[0], "requests": long - short}
+    result: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "request": args.request,
+        "requests": long - short,
+    }
     for target in targets:
         counts = []
         for n in (short, long):
             print(f"{target}: {n} requests under callgrind ...", flush=True)
             started = time.monotonic()
-            counts.append(_count(target, n))
+            counts.append(_count(target, n, args.request))
             print(f"  {counts[-1]:,} instructions ({time.monotonic() - started:.0f} s)", flush=True)
         result[target] = round((counts[1] - counts[0]) / (long - short))
         print(f"{target}: {result[target]:,} instructions per request on the event-loop thread", flush=True)
     if "gateway" in result and "floor" in result:
         result["gateway_minus_floor"] = result["gateway"] - result["floor"]
         print(f"the gateway's own work: {result['gateway_minus_floor']:,} instructions per request")
-    (out / "instructions.json").write_text(json.dumps(result, indent=2))
+    (out / f"instructions{suffix}.json").write_text(json.dumps(result, indent=2))
     return 0
 
 

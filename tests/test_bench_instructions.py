@@ -7,11 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_cpu_mode_measures_the_gateway_and_the_floor(tmp_path: Path) -> None:
-    command = ["-m", "bench.instructions", "--cpu", "--requests", "64", "--rounds", "2"]
+    command = ["-m", "bench.instructions", "--cpu", "--requests", "64", "--rounds", "2", "--request", "seed"]
     run = subprocess.run(
         [sys.executable, *command, "--out", str(tmp_path)],
         cwd=ROOT,
@@ -20,8 +22,8 @@ def test_cpu_mode_measures_the_gateway_and_the_floor(tmp_path: Path) -> None:
         timeout=300,
     )
     assert run.returncode == 0, run.stderr
-    result = json.loads((tmp_path / "cpu.json").read_text())
-    assert result["requests"] == 64
+    result = json.loads((tmp_path / "cpu-seed.json").read_text())
+    assert (result["request"], result["requests"]) == ("seed", 64)
     for target in ("gateway", "floor"):
         assert len(result["rounds"][target]) == 2
         assert result[target] == min(result["rounds"][target]) > 0
@@ -29,3 +31,18 @@ def test_cpu_mode_measures_the_gateway_and_the_floor(tmp_path: Path) -> None:
     assert result["gateway"] > result["floor"]
     assert result["gateway_minus_floor"] == round(result["gateway"] - result["floor"], 1)
     assert "µs of event-loop CPU per request" in run.stdout
+
+
+@pytest.mark.parametrize("name", ["plain", "seed", "long"])
+def test_the_canned_answer_reports_the_gateways_own_count(name: str) -> None:
+    """Else every measured request would log a prompt-token mismatch, which costs work too."""
+    from bench.instructions import answer_to, request_body
+    from gateway.accounting.accountant import Accountant
+    from gateway.accounting.registry import Registry
+
+    body = request_body(name)
+    counted = Accountant(Registry.load()).count(body["model"], body["messages"], body.get("tools"))
+    assert json.loads(answer_to(body))["usage"]["prompt_tokens"] == counted.prompt_tokens
+    assert bool(body.get("tools")) == (name != "plain") and ("max_tokens" in body) == (name == "plain")
+    if name == "long":
+        assert len(body["tools"]) == 20 and counted.prompt_tokens > 7000
