@@ -28,11 +28,32 @@ __all__ = ["decode", "encode", "loads"]
 # parsing it).
 _DIGITS = bytes(48 if 48 <= b <= 57 else 120 for b in range(256))
 _LONG_NUMBER = b"0" * 19
+# Any run of 19 bytes holds two consecutive multiples of 9: only where two bytes 9 apart (at
+# multiples of 9) are both digits can a run be, and only there is the body looked at whole.
+_STEP = 9
+_CLOSE_LOOKS = 16  # then one pass over the whole body (digit-dense bodies: arrays of numbers)
+
+
+def has_long_number(data: bytes) -> bool:
+    """Whether ``data`` holds a run of 19 ASCII digits (what orjson might read as a float).
+
+    Translating every byte of a 40 KB body cost a fifth of the gateway's own work on it; this
+    translates a ninth of them, then looks closely at the few places a run could be."""
+    sample = data[::_STEP].translate(_DIGITS)
+    at = sample.find(b"00")
+    for _ in range(_CLOSE_LOOKS):
+        if at < 0:
+            return False
+        start = at * _STEP  # a run holding bytes start and start + 9 begins at start - 9 or later
+        if data[max(0, start - _STEP) : start + 2 * _STEP + 19].translate(_DIGITS).find(_LONG_NUMBER) >= 0:
+            return True
+        at = sample.find(b"00", at + 1)
+    return at >= 0 and data.translate(_DIGITS).find(_LONG_NUMBER) >= 0
 
 
 def decode(data: bytes) -> tuple[Any, bool]:
     """``(json.loads(data), whether orjson read it)``; raises what ``json.loads`` raises."""
-    if data.translate(_DIGITS).find(_LONG_NUMBER) < 0:
+    if not has_long_number(data):
         try:
             return orjson.loads(data), True
         except orjson.JSONDecodeError:

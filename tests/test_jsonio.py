@@ -93,3 +93,35 @@ def test_any_document_reads_as_json_reads_it(value: Any, ascii_only: bool) -> No
     obj, fast = jsonio.decode(raw)
     assert _same(obj, json.loads(raw))
     assert _same(json.loads(jsonio.encode(obj, fast)), obj)
+
+
+def _full_scan(data: bytes) -> bool:
+    return any(data[i : i + 19].isdigit() and len(data[i : i + 19]) == 19 for i in range(len(data)))
+
+
+def test_the_sampled_scan_finds_every_run_of_19_digits_and_no_other() -> None:
+    """Runs of 17 to 21 digits at every offset, in sparse and digit-dense bodies (the latter
+    past the close looks, down to the whole-body pass), against a byte-by-byte reference."""
+    import random
+
+    rng = random.Random(19)
+    for _ in range(4000):
+        density = rng.choice([0.0, 0.05, 0.3, 0.6, 0.9])
+        size = rng.choice([0, 5, 18, 19, 40, 200, 2000])
+        body = bytearray(
+            rng.choice(b"0123456789") if rng.random() < density else rng.choice(b'ab ",:{}[]-.')
+            for _ in range(size)
+        )
+        if rng.random() < 0.5 and size:
+            length = rng.randint(17, 21)
+            at = rng.randrange(size)
+            body[at : at + length] = bytes(rng.choice(b"0123456789") for _ in range(length))
+        data = bytes(body)
+        assert jsonio.has_long_number(data) is _full_scan(data), data
+
+
+def test_a_long_number_anywhere_goes_to_the_standard_library() -> None:
+    for pad in range(40):
+        raw = b'{"a": "' + b"x" * pad + b'", "n": 12345678901234567890123}'
+        obj, fast = jsonio.decode(raw)
+        assert not fast and obj["n"] == 12345678901234567890123
