@@ -54,13 +54,9 @@ def request_body(name: str) -> dict[str, Any]:
     """The measured request: ``plain``, ``seed`` or ``long`` (see the module's docstring)."""
     if name == "plain":
         return BODY
-    if name == "seed":
-        from gateway.emulator.seed import SEED_MESSAGES, SEED_MODEL, SEED_TOOLS
+    from bench.overhead import big_request, seed_request
 
-        return {"model": SEED_MODEL, "messages": SEED_MESSAGES, "tools": SEED_TOOLS, "tool_choice": "auto"}
-    from bench.overhead import big_request
-
-    return big_request()
+    return seed_request() if name == "seed" else big_request()
 
 
 def answer_to(body: dict[str, Any]) -> bytes:

@@ -42,6 +42,11 @@ from gateway.emulator.seed import SEED_MESSAGES, SEED_MODEL, SEED_TOOLS
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "seal_tools.jsonl"
 
 
+def seed_request() -> dict[str, Any]:
+    """The seed's request: its tools, no max_tokens."""
+    return {"model": SEED_MODEL, "messages": SEED_MESSAGES, "tools": SEED_TOOLS, "tool_choice": "auto"}
+
+
 def big_request() -> dict[str, Any]:
     lines = CORPUS.read_text().splitlines()
     tools = [json.loads(line) for line in lines[:20]]
@@ -183,12 +188,7 @@ def main() -> int:
                 targets["litellm"] = (url, {"Authorization": f"Bearer {master}"})
                 result["litellm_version"] = _litellm_version()
             bodies = {
-                "seed": {
-                    "model": SEED_MODEL,
-                    "messages": SEED_MESSAGES,
-                    "tools": SEED_TOOLS,
-                    "tool_choice": "auto",
-                },
+                "seed": seed_request(),
                 "20 tools, 8k tokens": big_request(),
             }
             result["sequential"] = {}
