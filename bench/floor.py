@@ -1,10 +1,11 @@
 """The floor for any Python gateway: a bare pass-through proxy on the same server and HTTP client.
 
 Pure ASGI on uvicorn (uvloop, httptools; no Server header and no forwarded-headers middleware,
-as ``gateway serve`` runs it) with one shared httpx.AsyncClient whose transport gets each request
-directly, as the gateway's proxy does: it reads the body, forwards it, and returns the answer
-framed by its length, as the gateway does. No auth, no metering, no ledger. The process runs
-under the garbage-collector policy ``gateway serve`` applies (:mod:`gateway.gc_policy`).
+as ``gateway serve`` runs it) with one shared httpx.AsyncClient whose pool gets each request
+directly, as the gateway's proxy hands it (``gateway.upstream.upstream_for``: aiohttp's pool
+without httpx's models, or httpx's own pool): it reads the body, forwards it, and returns the
+answer framed by its length, as the gateway does. No auth, no metering, no ledger. The process
+runs under the garbage-collector policy ``gateway serve`` applies (:mod:`gateway.gc_policy`).
 
     python -m bench.floor --port 8090 --upstream http://127.0.0.1:9000/v1/openai
 """
@@ -20,7 +21,7 @@ import uvicorn
 
 def floor_app(upstream: str, transport: str | httpx.AsyncBaseTransport = "httpx") -> Any:
     """``transport``: a pool's name (``gateway.upstream.make_transport``), or a transport."""
-    from gateway.upstream import make_transport
+    from gateway.upstream import make_transport, upstream_for
 
     client = httpx.AsyncClient(
         timeout=httpx.Timeout(600, connect=5),
@@ -28,9 +29,12 @@ def floor_app(upstream: str, transport: str | httpx.AsyncBaseTransport = "httpx"
         transport=make_transport(transport, max_connections=512) if isinstance(transport, str) else transport,
     )
     base = upstream.rstrip("/")
-    transport = client._transport
+    # The gateway's own path to the backend (see Proxy._send): the client's pool directly, as
+    # an Upstream, with the client's timeouts, so the floor is no slower.
+    backend = upstream_for(client)
     timeout = client.timeout.as_dict()
-    urls: dict[str, httpx.URL] = {}
+    urls: dict[str, Any] = {}
+    headers_out = [(b"content-type", b"application/json")]
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -51,17 +55,8 @@ def floor_app(upstream: str, transport: str | httpx.AsyncBaseTransport = "httpx"
         path = scope["path"]
         url = urls.get(path)
         if url is None:  # parsed once per path, as the gateway parses once per route
-            url = urls[path] = httpx.URL(base + path.removeprefix("/v1/openai").removeprefix("/v1"))
-        # The gateway's own path to the backend: the request handed straight to the client's
-        # transport with the client's timeouts (see Proxy._send), so the floor is no slower.
-        request = httpx.Request(
-            scope["method"],
-            url,
-            content=b"".join(chunks),
-            headers={"content-type": "application/json"},
-            extensions={"timeout": timeout},
-        )
-        response = await transport.handle_async_request(request)
+            url = urls[path] = backend.url(base + path.removeprefix("/v1/openai").removeprefix("/v1"))
+        response = await backend.send(scope["method"], url, headers_out, b"".join(chunks) or None, timeout)
         try:
             content = await response.aread()
         finally:

@@ -32,7 +32,7 @@ from gateway.prices import Price
 from gateway.quota import Demand, QuotaStore, RateWindows, Rejection, Reservation, WindowState, rate_windows
 from gateway.sse import StreamMeter
 from gateway.stream_emulation import sse_events
-from gateway.upstream import request_headers, response_headers
+from gateway.upstream import BackendResponse, Upstream, request_headers, response_headers, upstream_for
 from gateway.validation import ChatRules, max_tokens, parse_document, require_model, stream_flag, with_member
 
 __all__ = ["REQUEST_ID_HEADER", "Proxy"]
@@ -85,10 +85,10 @@ class Proxy:
         self.emulate_tool_streams = emulate_tool_streams
         self.rules = rules or ChatRules()
         self.client = client
-        # The hot path hands requests straight to the client's transport: httpx's client layer
+        # The hot path hands requests straight to the client's pool: httpx's client layer
         # (cookie jar, auth and redirect flows, header merging) costs a sixth of a request's CPU
         # and a transparent proxy needs none of it. Timeouts still come from the client.
-        self._transport: httpx.AsyncBaseTransport = client._transport
+        self._upstream: Upstream = upstream_for(client)
         self._timeout = client.timeout.as_dict()
         self.metrics = metrics
         self.quota = quota
@@ -100,13 +100,13 @@ class Proxy:
         self.base = upstream_url.rstrip("/")
         self.api_key = upstream_api_key
         self.max_body_bytes = max_body_bytes
-        self._urls: dict[RouteSpec, httpx.URL] = {}
+        self._urls: dict[RouteSpec, Any] = {}
 
     def endpoint(self, spec: RouteSpec) -> _Endpoint:
         return _Endpoint(self, spec)
 
-    def _url(self, spec: RouteSpec, scope: Scope) -> httpx.URL | str:
-        """The backend URL; parsed once per route (httpx's parser is a tenth of a request's CPU)."""
+    def _url(self, spec: RouteSpec, scope: Scope) -> Any:
+        """The backend URL; parsed once per route (a URL parser is a tenth of a request's CPU)."""
         query = scope.get("query_string", b"")
         params = scope.get("path_params")
         if query or params:
@@ -114,7 +114,7 @@ class Proxy:
             return path + "?" + query.decode("latin-1") if query else path
         url = self._urls.get(spec)
         if url is None:
-            url = self._urls[spec] = httpx.URL(self.base + spec.upstream_path)
+            url = self._urls[spec] = self._upstream.url(self.base + spec.upstream_path)
         return url
 
     async def handle(self, spec: RouteSpec, scope: Scope, receive: Receive, send: Send) -> None:
@@ -213,13 +213,8 @@ class Proxy:
             if result.rate is not None:
                 rate_headers = rate_limit_headers(result.rate, now)
 
-        upstream_request = httpx.Request(
-            method,
-            self._url(spec, scope),
-            headers=request_headers(scope["headers"], self.api_key),
-            content=body or None,
-            extensions={"timeout": self._timeout},
-        )
+        url = self._url(spec, scope)
+        headers_out = request_headers(scope["headers"], self.api_key)
         settlement = Settlement(request_id, status=0, reserved_tokens=demand.tokens if reservation else None)
         counting: asyncio.Task[Accounting | None] | None = None
         served = False
@@ -245,7 +240,7 @@ class Proxy:
                 # Counting overlaps the backend's work: it runs once the request is on its way.
                 counting = asyncio.create_task(self._count(*to_count))
             timings.send_at = time.perf_counter()
-            response = await self._send(upstream_request, settlement)
+            response = await self._send(method, url, headers_out, body or None)
             timings.backend = time.perf_counter() - timings.send_at
             served = response.is_success
             if not served:
@@ -253,7 +248,7 @@ class Proxy:
             if counting is not None:
                 meter = _Metering(await counting, bool(to_count and to_count[2]))
             settlement.upstream_ms = (time.perf_counter() - t0) * 1000
-            headers, content_type = response_headers(response.headers)
+            headers, content_type = response_headers(response.raw_headers)
             headers += (id_header, *rate_headers)
             if content_type.startswith("text/event-stream"):
                 await self._relay_stream(
@@ -364,10 +359,12 @@ class Proxy:
                 counted.format,
             )
 
-    async def _send(self, request: httpx.Request, settlement: Settlement) -> httpx.Response:
+    async def _send(
+        self, method: str, url: Any, headers: list[tuple[bytes, bytes]], body: bytes | None
+    ) -> BackendResponse:
         for attempt in range(CONNECT_RETRIES + 1):
             try:
-                return await self._transport.handle_async_request(request)
+                return await self._upstream.send(method, url, headers, body, self._timeout)
             except httpx.ConnectError as exc:
                 # Nothing reached the backend: the one failure that is always safe to retry.
                 if attempt == CONNECT_RETRIES:
@@ -387,7 +384,7 @@ class Proxy:
 
     async def _relay_whole(
         self,
-        response: httpx.Response,
+        response: BackendResponse,
         content_type: str,
         headers: list[tuple[bytes, bytes]],
         settlement: Settlement,
@@ -451,7 +448,7 @@ class Proxy:
 
     async def _relay_stream(
         self,
-        response: httpx.Response,
+        response: BackendResponse,
         headers: list[tuple[bytes, bytes]],
         settlement: Settlement,
         strip_usage: bool,

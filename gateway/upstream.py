@@ -1,21 +1,71 @@
 """The one HTTP client to the backend, and what crosses between client and backend headers.
 
-The proxy speaks httpx's API. Under it, the transport is aiohttp's connection pool by default:
-httpx's own pool (httpcore) costs several times more CPU per request and collapses under many
-concurrent requests (measured by ``bench/overhead.py``); ``upstream_transport = "httpx"`` keeps it.
+The client is configured through httpx's API. Under it, the transport is aiohttp's connection pool
+by default: httpx's own pool (httpcore) costs several times more CPU per request and collapses
+under many concurrent requests (measured by ``bench/overhead.py``); ``upstream_transport =
+"httpx"`` keeps it.
+
+The proxy sends through an :class:`Upstream`: ``upstream_for(client)``. On the aiohttp pool that
+is the pool itself, without httpx's request and response models in between (building, normalising
+and wrapping them cost a seventh of the bare pass-through's CPU per request); any other transport
+(httpx's pool, a test's ``httpx.MockTransport``) is wrapped by :class:`HttpxUpstream`. Either way
+failures surface as httpx's exceptions, the one vocabulary the proxy maps to its errors.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, Protocol
 
 import httpx
 
 from gateway.settings import ConfigError, Settings
 
-__all__ = ["AiohttpTransport", "build_client", "make_transport", "request_headers", "response_headers"]
+__all__ = [
+    "AiohttpTransport",
+    "BackendResponse",
+    "HttpxUpstream",
+    "Upstream",
+    "build_client",
+    "make_transport",
+    "request_headers",
+    "response_headers",
+    "upstream_for",
+]
+
+RawHeaders = Sequence[tuple[bytes, bytes]]
+
+
+class BackendResponse(Protocol):
+    """The backend's answer as the proxy reads it: status, raw headers, body whole or streamed."""
+
+    status_code: int
+    raw_headers: RawHeaders
+
+    @property
+    def is_success(self) -> bool: ...
+
+    async def aread(self) -> bytes: ...
+
+    def aiter_bytes(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Upstream(Protocol):
+    """Sends one request to the backend. Raises httpx's exceptions: ``ConnectError`` only when
+    nothing reached the backend (the one failure the proxy retries), ``TimeoutException`` for
+    timeouts, another ``HTTPError`` for the rest."""
+
+    def url(self, url: str) -> Any:
+        """``url`` parsed once, for a route's requests (what :meth:`send` takes, besides str)."""
+        ...
+
+    async def send(
+        self, method: str, url: Any, headers: RawHeaders, body: bytes | None, timeouts: dict[str, Any]
+    ) -> BackendResponse: ...
+
 
 # Hop-by-hop headers (RFC 9110 7.6.1) plus what the gateway sets itself. Forwarding headers
 # from the client are not trusted: the gateway is the client of the backend.
@@ -100,12 +150,12 @@ def request_headers(
     return headers
 
 
-def response_headers(upstream: httpx.Headers) -> tuple[list[tuple[bytes, bytes]], str]:
+def response_headers(upstream: RawHeaders) -> tuple[list[tuple[bytes, bytes]], str]:
     """The headers to pass on to the client, and the answer's content type ("" if none): one
-    pass over the raw list (httpx's ``Headers.get`` scans and decodes all of them per call)."""
+    pass over the raw list."""
     headers = []
     content_type = b""
-    for key, value in upstream.raw:
+    for key, value in upstream:
         name = key.lower()
         if name == b"content-type" and not content_type:
             content_type = value  # the first, as httpx's joined value starts with it
@@ -127,47 +177,188 @@ def make_transport(
     raise ConfigError(f"setting 'upstream_transport': {kind!r} is not aiohttp or httpx")
 
 
-@contextlib.contextmanager
-def _mapped() -> Iterator[None]:
+def upstream_for(client: httpx.AsyncClient) -> Upstream:
+    """How the proxy sends through ``client``: the aiohttp pool directly, else httpx's models."""
+    transport = client._transport
+    return transport if isinstance(transport, AiohttpTransport) else HttpxUpstream(transport)
+
+
+class HttpxUpstream:
+    """An :class:`Upstream` over any httpx transport (httpx's own pool, a test's mock)."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport) -> None:
+        self._transport = transport
+
+    def url(self, url: str) -> httpx.URL:
+        return httpx.URL(url)
+
+    async def send(
+        self, method: str, url: Any, headers: RawHeaders, body: bytes | None, timeouts: dict[str, Any]
+    ) -> BackendResponse:
+        extensions = {"timeout": timeouts}
+        request = httpx.Request(method, url, headers=list(headers), content=body, extensions=extensions)
+        return _HttpxAnswer(await self._transport.handle_async_request(request))
+
+
+class _HttpxAnswer:
+    __slots__ = ("_response", "raw_headers", "status_code")
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.status_code = response.status_code
+        self.raw_headers: RawHeaders = response.headers.raw
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status_code < 300
+
+    async def aread(self) -> bytes:
+        return await self._response.aread()
+
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        return self._response.aiter_bytes()
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+def _as_httpx(exc: BaseException) -> BaseException:
     """aiohttp's errors as httpx's, with the distinction the proxy relies on: only a failure to
-    connect (nothing reached the backend) is a ConnectError, which the proxy may retry."""
+    connect (nothing reached the backend) is a ConnectError, which the proxy may retry. Anything
+    else is returned as it is."""
     import aiohttp
 
+    if isinstance(exc, aiohttp.ClientConnectorError):  # DNS, refused, unreachable: nothing was sent
+        return httpx.ConnectError(str(exc) or type(exc).__name__)
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(str(exc) or "connect timed out")
+    if isinstance(exc, aiohttp.SocketTimeoutError | TimeoutError):
+        return httpx.ReadTimeout(str(exc) or "read timed out")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return httpx.ReadError(str(exc) or type(exc).__name__)
+    if isinstance(exc, aiohttp.ClientError):  # disconnected, reset: the request may have been seen
+        return httpx.RemoteProtocolError(str(exc) or type(exc).__name__)
+    return exc
+
+
+@contextlib.contextmanager
+def _mapped() -> Iterator[None]:
     try:
         yield
-    except aiohttp.ClientConnectorError as exc:  # DNS, refused, unreachable: nothing was sent
-        raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise httpx.ConnectTimeout(str(exc) or "connect timed out") from exc
-    except (aiohttp.SocketTimeoutError, TimeoutError) as exc:
-        raise httpx.ReadTimeout(str(exc) or "read timed out") from exc
-    except aiohttp.ClientPayloadError as exc:
-        raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
-    except aiohttp.ClientError as exc:  # disconnected, reset: the request may have been seen
-        raise httpx.RemoteProtocolError(str(exc) or type(exc).__name__) from exc
+    except Exception as exc:
+        mapped = _as_httpx(exc)
+        if mapped is exc:
+            raise
+        raise mapped from exc
+
+
+async def _chunks(response: Any) -> AsyncIterator[bytes]:
+    with _mapped():
+        # Whatever has arrived, as it arrives: streams must not wait for a buffer to fill.
+        async for chunk, _ in response.content.iter_chunks():
+            yield chunk
 
 
 class _Body(httpx.AsyncByteStream):
     def __init__(self, response: Any) -> None:
         self._response = response
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        with _mapped():
-            # Whatever has arrived, as it arrives: streams must not wait for a buffer to fill.
-            async for chunk, _ in self._response.content.iter_chunks():
-                yield chunk
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return _chunks(self._response)
+
+    async def aclose(self) -> None:
+        self._response.release()
+
+
+class _AiohttpAnswer:
+    """An aiohttp response as a :class:`BackendResponse`."""
+
+    __slots__ = ("_decoded", "_response", "raw_headers", "status_code")
+
+    def __init__(self, response: Any) -> None:
+        self._response = response
+        self.status_code: int = response.status
+        self.raw_headers: RawHeaders = response.raw_headers
+        # The gateway asks for identity; a backend that compresses anyway is decoded by httpx's
+        # decoders (the session does not decompress), as the client is sent no content-encoding.
+        encoding = response.headers.get("Content-Encoding")
+        self._decoded = (
+            httpx.Response(response.status, headers=response.raw_headers, stream=_Body(response))
+            if encoding and encoding.strip().lower() != "identity"
+            else None
+        )
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status_code < 300
+
+    async def aread(self) -> bytes:
+        if self._decoded is not None:
+            return await self._decoded.aread()
+        try:
+            return await self._response.read()  # type: ignore[no-any-return]
+        except Exception as exc:
+            mapped = _as_httpx(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        if self._decoded is not None:
+            return self._decoded.aiter_bytes()
+        return _chunks(self._response)
 
     async def aclose(self) -> None:
         self._response.release()
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
-    """httpx requests over one aiohttp session (its pool keeps connections alive per host)."""
+    """One aiohttp session (its pool keeps connections alive per host): an :class:`Upstream`
+    for the proxy, and an httpx transport for anything that speaks httpx's API."""
 
     def __init__(self, *, max_connections: int, keepalive_expiry: float) -> None:
         self._limit = max_connections
         self._keepalive = keepalive_expiry
         self._session: Any = None
+        self._timeouts: dict[tuple[Any, ...], Any] = {}
+
+    def url(self, url: str) -> Any:
+        import yarl
+
+        return yarl.URL(url)
+
+    def _timeout(self, timeout: dict[str, Any]) -> Any:
+        key = (timeout.get("pool"), timeout.get("connect"), timeout.get("read"))
+        value = self._timeouts.get(key)
+        if value is None:
+            import aiohttp
+
+            value = self._timeouts[key] = aiohttp.ClientTimeout(
+                total=None, connect=key[0], sock_connect=key[1], sock_read=key[2]
+            )
+        return value
+
+    async def send(
+        self, method: str, url: Any, headers: RawHeaders, body: bytes | None, timeouts: dict[str, Any]
+    ) -> BackendResponse:
+        if self._session is None:
+            self._session = self._open()
+        try:
+            response = await self._session._request(
+                method,
+                url,
+                headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers],
+                data=body,
+                allow_redirects=False,
+                compress=False,
+                timeout=self._timeout(timeouts),
+            )
+        except Exception as exc:
+            mapped = _as_httpx(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+        return _AiohttpAnswer(response)
 
     def _open(self) -> Any:
         import aiohttp
@@ -182,8 +373,6 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        import aiohttp
-
         if self._session is None:
             self._session = self._open()
         timeout = request.extensions.get("timeout", {})
@@ -196,12 +385,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 data=body or None,
                 allow_redirects=False,
                 compress=False,
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    connect=timeout.get("pool"),
-                    sock_connect=timeout.get("connect"),
-                    sock_read=timeout.get("read"),
-                ),
+                timeout=self._timeout(timeout),
             )
         return httpx.Response(
             status_code=response.status,

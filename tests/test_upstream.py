@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+import gzip
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import httpx
 import pytest
 
 from gateway.settings import ConfigError, Settings
-from gateway.upstream import AiohttpTransport, build_client, make_transport
+from gateway.upstream import AiohttpTransport, HttpxUpstream, build_client, make_transport, upstream_for
 from tests.servers import free_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -147,3 +150,167 @@ def test_the_transport_is_a_setting() -> None:
     asyncio.run(build_client(settings).aclose())
     with pytest.raises(ConfigError, match="upstream_transport"):
         make_transport("curl")
+
+
+# The proxy's own path: Upstream.send, straight onto the aiohttp pool (no httpx models), or
+# through httpx's models for any other transport. Both must behave as the httpx API above.
+
+_TIMEOUTS = {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 5.0}
+
+
+def _upstreams() -> list[tuple[str, Callable[[], Any]]]:
+    return [
+        ("aiohttp", lambda: AiohttpTransport(max_connections=8, keepalive_expiry=4.0)),
+        ("httpx", lambda: HttpxUpstream(httpx.AsyncHTTPTransport())),
+    ]
+
+
+@contextlib.asynccontextmanager
+async def _opened(factory: Callable[[], Any]) -> AsyncIterator[Any]:
+    backend = factory()
+    try:
+        yield backend
+    finally:
+        await (backend if isinstance(backend, AiohttpTransport) else backend._transport).aclose()
+
+
+@pytest.fixture(params=[name for name, _ in _upstreams()])
+def upstream(request: pytest.FixtureRequest) -> Callable[[], Any]:
+    return dict(_upstreams())[request.param]
+
+
+def test_the_proxy_sends_through_the_aiohttp_pool_itself_and_wraps_any_other_transport() -> None:
+    aio = AiohttpTransport(max_connections=8, keepalive_expiry=4.0)
+    assert upstream_for(httpx.AsyncClient(transport=aio)) is aio
+    mock = httpx.MockTransport(lambda request: httpx.Response(200))
+    assert isinstance(upstream_for(httpx.AsyncClient(transport=mock)), HttpxUpstream)
+
+
+def test_send_forwards_exactly_and_keeps_every_response_header(upstream: Callable[[], Any]) -> None:
+    seen: list[tuple[bytes, bytes]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await _read_request(reader))
+        writer.write(
+            b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\nx-a: 1\r\nx-a: 2\r\n"
+            b'content-length: 11\r\n\r\n{"ok": true'
+        )
+        await writer.drain()
+        writer.close()
+
+    async def body(url: str) -> None:
+        async with _opened(upstream) as backend:
+            headers = [(b"authorization", b"Bearer k"), (b"content-type", b"application/json")]
+            answer = await backend.send(
+                "POST", backend.url(url + "/v1/x?q=1"), headers, b'{"a": "\xc3\xa9"}', _TIMEOUTS
+            )
+            assert (answer.status_code, answer.is_success) == (201, True)
+            assert [v for k, v in answer.raw_headers if k.lower() == b"x-a"] == [b"1", b"2"]
+            assert await answer.aread() == b'{"ok": true'
+            await answer.aclose()
+
+    asyncio.run(_with_server(handler, body))
+    ((head, sent),) = seen
+    assert head.startswith(b"POST /v1/x?q=1 HTTP/1.1\r\n")
+    assert b"\r\nauthorization: Bearer k\r\n" in head
+    assert sent == b'{"a": "\xc3\xa9"}'
+
+
+def test_send_streams_each_chunk_as_it_arrives(upstream: Callable[[], Any]) -> None:
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        writer.write(b"7\r\ndata: 1\r\n")
+        await writer.drain()
+        await release.wait()
+        writer.write(b"7\r\ndata: 2\r\n0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def body(url: str) -> None:
+        async with _opened(upstream) as backend:
+            answer = await backend.send("POST", url, [], b"{}", _TIMEOUTS)
+            chunks = answer.aiter_bytes()
+            assert await asyncio.wait_for(chunks.__anext__(), 2) == b"data: 1"
+            release.set()
+            assert b"".join([c async for c in chunks]) == b"data: 2"
+            await answer.aclose()
+
+    asyncio.run(_with_server(handler, body))
+
+
+def test_send_decodes_an_answer_the_backend_compressed_anyway(upstream: Callable[[], Any]) -> None:
+    """The gateway asks for identity and drops content-encoding towards the client, so an answer
+    compressed regardless must reach the proxy decoded (whole or streamed)."""
+    payload = b'{"usage": {"prompt_tokens": 3}}' * 20
+    packed = gzip.compress(payload)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await _read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(packed), packed)
+            )
+            await writer.drain()
+
+    async def body(url: str) -> None:
+        async with _opened(upstream) as backend:
+            answer = await backend.send("POST", url, [], b"{}", _TIMEOUTS)
+            assert await answer.aread() == payload
+            await answer.aclose()
+            answer = await backend.send("POST", url, [], b"{}", _TIMEOUTS)
+            assert b"".join([c async for c in answer.aiter_bytes()]) == payload
+            await answer.aclose()
+
+    asyncio.run(_with_server(handler, body))
+
+
+def test_send_to_a_refused_port_is_a_connect_error(upstream: Callable[[], Any]) -> None:
+    async def run() -> None:
+        with pytest.raises(httpx.ConnectError):
+            async with _opened(upstream) as backend:
+                await backend.send("POST", f"http://127.0.0.1:{free_port()}/v1/x", [], b"{}", _TIMEOUTS)
+
+    asyncio.run(run())
+
+
+def test_send_to_a_silent_backend_is_a_read_timeout(upstream: Callable[[], Any]) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        await asyncio.sleep(3)
+
+    async def body(url: str) -> None:
+        with pytest.raises(httpx.ReadTimeout):
+            async with _opened(upstream) as backend:
+                await backend.send("POST", url, [], b"{}", {**_TIMEOUTS, "read": 0.3})
+
+    asyncio.run(_with_server(handler, body))
+
+
+@pytest.mark.parametrize("when", ["before_answer", "mid_body"])
+def test_send_to_a_backend_that_hangs_up_is_never_a_connect_error(
+    upstream: Callable[[], Any], when: str
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        if when == "mid_body":
+            writer.write(b'HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{"partial')
+            await writer.drain()
+        writer.close()
+
+    async def body(url: str) -> None:
+        with pytest.raises(httpx.TransportError) as exc:
+            async with _opened(upstream) as backend:
+                answer = await backend.send("POST", url, [], b"{}", _TIMEOUTS)
+                await answer.aread()
+        assert not isinstance(exc.value, httpx.ConnectError)
+
+    asyncio.run(_with_server(handler, body))
