@@ -286,6 +286,96 @@ def test_a_request_settled_within_its_batch_is_written_as_if_inserted_then_settl
     assert coalesced < separately * 0.7  # most pairs fell within one batch
 
 
+def _keyed_db(path: Path) -> Any:
+    db = open_db(str(path))
+    for key_id in (1, 2):
+        db.execute(
+            "INSERT INTO keys (id, name, prefix, hash, created_at) VALUES (?, ?, 'p', ?, 0)",
+            [key_id, f"k{key_id}", f"h{key_id}"],
+        )
+    return db
+
+
+def _state(db: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    rows = [dict(r) for r in db.query("SELECT * FROM requests ORDER BY id")]
+    daily = [dict(r) for r in db.query("SELECT * FROM usage_daily ORDER BY key_id, day, model")]
+    return rows, daily
+
+
+def _batches(n: int, seed: int, cuts: int) -> list[list[Any]]:
+    from gateway.ledger import _INSERT, _SETTLE, _coalesce, pending_params, settle_params
+
+    ops = [
+        (_INSERT, pending_params(e, "i"), None, None)
+        if isinstance(e, PendingRow)
+        else (_SETTLE, settle_params(e), None, None)
+        for e in _ops(random.Random(seed), n)
+    ]
+    at = sorted(random.Random(seed + 1).sample(range(1, len(ops)), cuts))
+    return [_coalesce(ops[a:b]) for a, b in zip([0, *at], [*at, len(ops)], strict=True)]
+
+
+@pytest.mark.parametrize("max_variables", [32766, 100])
+def test_a_batch_written_set_by_set_holds_what_one_by_one_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, max_variables: int
+) -> None:
+    """Each kind of write as one statement (chunked under SQLite's parameter limit): the same rows
+    and the same daily rollup as the operations applied one by one, in a handful of statements
+    per batch whatever its size."""
+    from gateway import ledger
+    from gateway.ledger import _apply_all, _apply_sets
+
+    monkeypatch.setattr(ledger, "_MAX_VARIABLES", max_variables)  # 100: 5 settled rows a statement
+    batches = _batches(400, 21, 12)
+    results = []
+    for sets in (False, True):
+        db = _keyed_db(tmp_path / f"{sets}.db")
+        statements: list[str] = []
+        db.conn.set_trace_callback(statements.append)
+        for batch in batches:
+            statements.clear()
+            with db.transaction():
+                if sets:
+                    assert _apply_sets(db.conn, batch)
+                else:
+                    _apply_all(db.conn, batch)
+            if sets and max_variables > 1000:
+                assert len(statements) <= 7, statements  # BEGIN, check, 3 writes, rollup, COMMIT
+        results.append(_state(db))
+        db.close()
+    assert results[0] == results[1]
+    rows, daily = results[1]
+    assert len(rows) == 400 and {r["state"] for r in rows} == {"pending", "settled"} and daily
+
+
+def test_a_batch_finding_a_row_not_as_expected_writes_nothing_and_goes_one_by_one(tmp_path: Path) -> None:
+    """A settlement whose row was recovered meanwhile, or a settled insert whose id is already in:
+    the set-by-set write declines before writing anything, and the writer applies the batch one
+    operation at a time, which settles and rolls up only what changed (no row counted twice)."""
+    from gateway.ledger import _INSERT, _SETTLE, _apply_sets, _commit_patiently, _recover, pending_params
+
+    db = _keyed_db(tmp_path / "l.db")
+    row, other = _row(1), _row(2)
+    db.execute(_INSERT, pending_params(row, "i"))
+    assert _recover(db, None, None) == 1  # req_1 is recovered (and rolled up) before it settles
+    before = _state(db)
+    late = (_SETTLE, settle_params_of("req_1"), None, None)
+    fresh = (_INSERT, pending_params(other, "i"), None, None)
+    with db.transaction():
+        assert not _apply_sets(db.conn, [fresh, late])
+    assert _state(db) == before  # declined: nothing written
+    assert _commit_patiently(db.conn, [fresh, late])
+    rows, daily = _state(db)
+    assert [(r["id"], r["state"]) for r in rows] == [("req_1", "recovered"), ("req_2", "pending")]
+    assert daily == before[1]  # the late settlement changed nothing, so nothing was rolled up again
+
+
+def settle_params_of(request_id: str) -> tuple[Any, ...]:
+    from gateway.ledger import settle_params
+
+    return settle_params(Settlement(request_id, 200, prompt_tokens=5, completion_tokens=1))
+
+
 def test_journal_segments_are_deleted_once_committed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(journal, "SEGMENT_BYTES", 1_000)  # a dozen rows each
     target = str(tmp_path / "gateway.db")
