@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import queue
 import random
@@ -499,6 +500,13 @@ _SETTLE_MANY = (
 )
 
 
+# The most rows one statement writes. Chunks are powers of two (a batch of 45 rows: 32, 8, 4, 1),
+# so the connection's statement cache holds at most a few sizes of each statement, not one
+# prepared statement (up to megabytes for a thousand rows) per batch size seen.
+_MAX_ROWS = 256
+
+
+@functools.lru_cache(maxsize=64)
 def _rows_statement(sql: str, n: int) -> str:
     """``sql`` (one row's ``VALUES (...)``, or ``{rows}`` for them) with ``n`` rows of values."""
     if "{rows}" in sql:
@@ -509,11 +517,14 @@ def _rows_statement(sql: str, n: int) -> str:
 
 
 def _execute_rows(conn: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
-    """One statement per chunk of rows (as many as SQLite's parameter limit allows)."""
-    per = _MAX_VARIABLES // len(rows[0])
-    for start in range(0, len(rows), per):
-        chunk = rows[start : start + per]
-        conn.execute(_rows_statement(sql, len(chunk)), [v for row in chunk for v in row])
+    """The rows in chunks of a power of two rows each, under SQLite's parameter limit."""
+    most = min(_MAX_ROWS, _MAX_VARIABLES // len(rows[0]))
+    start = 0
+    while start < len(rows):
+        n = 1 << (min(most, len(rows) - start).bit_length() - 1)
+        chunk = rows[start : start + n]
+        conn.execute(_rows_statement(sql, n), [v for row in chunk for v in row])
+        start += n
 
 
 def _apply_sets(conn: Any, ops: list[Op]) -> bool:
