@@ -488,15 +488,27 @@ _EXPECTED = (
     "SELECT (SELECT count(*) FROM requests WHERE id IN (SELECT value FROM json_each(?))), "
     "(SELECT count(*) FROM requests WHERE state = 'pending' AND id IN (SELECT value FROM json_each(?)))"
 )
+# settle_params' order: the settlement's columns, the request's id last.
+_SETTLE_COLUMNS = (
+    "status",
+    "upstream_ms",
+    "first_byte_ms",
+    "duration_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "tool_tokens",
+    "estimated",
+    "error",
+    "counted_prompt_tokens",
+    "cost_micros",
+    "reserved_tokens",
+    "id",
+)
+# _SETTLE for one row of values; _rows_statement repeats the row.
 _SETTLE_MANY = (
-    "WITH s (status, upstream_ms, first_byte_ms, duration_ms, prompt_tokens, completion_tokens, "
-    "tool_tokens, estimated, error, counted_prompt_tokens, cost_micros, reserved_tokens, id) "
-    "AS (VALUES {rows}) "
-    "UPDATE requests SET state = 'settled', status = s.status, upstream_ms = s.upstream_ms, "
-    "first_byte_ms = s.first_byte_ms, duration_ms = s.duration_ms, prompt_tokens = s.prompt_tokens, "
-    "completion_tokens = s.completion_tokens, tool_tokens = s.tool_tokens, estimated = s.estimated, "
-    "error = s.error, counted_prompt_tokens = s.counted_prompt_tokens, cost_micros = s.cost_micros, "
-    "reserved_tokens = s.reserved_tokens FROM s WHERE requests.id = s.id AND requests.state = 'pending'"
+    f"WITH s ({', '.join(_SETTLE_COLUMNS)}) AS (VALUES ({', '.join(['?'] * len(_SETTLE_COLUMNS))})) "
+    f"UPDATE requests SET state = 'settled', {', '.join(f'{c} = s.{c}' for c in _SETTLE_COLUMNS[:-1])} "
+    "FROM s WHERE requests.id = s.id AND requests.state = 'pending'"
 )
 
 
@@ -508,12 +520,10 @@ _MAX_ROWS = 256
 
 @functools.lru_cache(maxsize=64)
 def _rows_statement(sql: str, n: int) -> str:
-    """``sql`` (one row's ``VALUES (...)``, or ``{rows}`` for them) with ``n`` rows of values."""
-    if "{rows}" in sql:
-        return sql.format(rows=", ".join(["(" + ", ".join(["?"] * 13) + ")"] * n))
-    head, rest = sql.split(" VALUES ", 1)
-    row, tail = rest.split(") ", 1)
-    return f"{head} VALUES {', '.join([row + ')'] * n)} {tail}"
+    """``sql``, written for one row of values (``VALUES (...)``), with ``n`` rows of them."""
+    head, rest = sql.split("VALUES ", 1)
+    row = rest[: rest.index(")") + 1]  # a row holds parameters and string literals, no parentheses
+    return f"{head}VALUES {', '.join([row] * n)}{rest[len(row) :]}"
 
 
 def _execute_rows(conn: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import httpx
 
@@ -200,17 +200,22 @@ class HttpxUpstream:
         return _HttpxAnswer(await self._transport.handle_async_request(request))
 
 
-class _HttpxAnswer:
+class _Answer:
+    __slots__ = ()
+    status_code: int
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status_code < 300
+
+
+class _HttpxAnswer(_Answer):
     __slots__ = ("_response", "raw_headers", "status_code")
 
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
         self.status_code = response.status_code
         self.raw_headers: RawHeaders = response.headers.raw
-
-    @property
-    def is_success(self) -> bool:
-        return 200 <= self.status_code < 300
 
     async def aread(self) -> bytes:
         return await self._response.aread()
@@ -222,23 +227,26 @@ class _HttpxAnswer:
         await self._response.aclose()
 
 
-def _as_httpx(exc: BaseException) -> BaseException:
-    """aiohttp's errors as httpx's, with the distinction the proxy relies on: only a failure to
-    connect (nothing reached the backend) is a ConnectError, which the proxy may retry. Anything
-    else is returned as it is."""
+def _raise_as_httpx(exc: Exception) -> NoReturn:
+    """Raise aiohttp's error as httpx's, with the distinction the proxy relies on: only a failure
+    to connect (nothing reached the backend) is a ConnectError, which the proxy may retry. Any
+    other exception is raised as it is."""
     import aiohttp
 
+    mapped: httpx.HTTPError
     if isinstance(exc, aiohttp.ClientConnectorError):  # DNS, refused, unreachable: nothing was sent
-        return httpx.ConnectError(str(exc) or type(exc).__name__)
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return httpx.ConnectTimeout(str(exc) or "connect timed out")
-    if isinstance(exc, aiohttp.SocketTimeoutError | TimeoutError):
-        return httpx.ReadTimeout(str(exc) or "read timed out")
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return httpx.ReadError(str(exc) or type(exc).__name__)
-    if isinstance(exc, aiohttp.ClientError):  # disconnected, reset: the request may have been seen
-        return httpx.RemoteProtocolError(str(exc) or type(exc).__name__)
-    return exc
+        mapped = httpx.ConnectError(str(exc) or type(exc).__name__)
+    elif isinstance(exc, aiohttp.ConnectionTimeoutError):
+        mapped = httpx.ConnectTimeout(str(exc) or "connect timed out")
+    elif isinstance(exc, aiohttp.SocketTimeoutError | TimeoutError):
+        mapped = httpx.ReadTimeout(str(exc) or "read timed out")
+    elif isinstance(exc, aiohttp.ClientPayloadError):
+        mapped = httpx.ReadError(str(exc) or type(exc).__name__)
+    elif isinstance(exc, aiohttp.ClientError):  # disconnected, reset: the request may have been seen
+        mapped = httpx.RemoteProtocolError(str(exc) or type(exc).__name__)
+    else:
+        raise exc
+    raise mapped from exc
 
 
 @contextlib.contextmanager
@@ -246,10 +254,7 @@ def _mapped() -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        mapped = _as_httpx(exc)
-        if mapped is exc:
-            raise
-        raise mapped from exc
+        _raise_as_httpx(exc)
 
 
 async def _chunks(response: Any) -> AsyncIterator[bytes]:
@@ -270,7 +275,7 @@ class _Body(httpx.AsyncByteStream):
         self._response.release()
 
 
-class _AiohttpAnswer:
+class _AiohttpAnswer(_Answer):
     """An aiohttp response as a :class:`BackendResponse`."""
 
     __slots__ = ("_decoded", "_response", "raw_headers", "status_code")
@@ -288,20 +293,13 @@ class _AiohttpAnswer:
             else None
         )
 
-    @property
-    def is_success(self) -> bool:
-        return 200 <= self.status_code < 300
-
     async def aread(self) -> bytes:
         if self._decoded is not None:
             return await self._decoded.aread()
         try:
             return await self._response.read()  # type: ignore[no-any-return]
         except Exception as exc:
-            mapped = _as_httpx(exc)
-            if mapped is exc:
-                raise
-            raise mapped from exc
+            _raise_as_httpx(exc)
 
     def aiter_bytes(self) -> AsyncIterator[bytes]:
         if self._decoded is not None:
@@ -341,10 +339,16 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     async def send(
         self, method: str, url: Any, headers: RawHeaders, body: bytes | None, timeouts: dict[str, Any]
     ) -> BackendResponse:
+        return _AiohttpAnswer(await self._request(method, url, headers, body, timeouts))
+
+    async def _request(
+        self, method: str, url: Any, headers: RawHeaders, body: Any, timeouts: dict[str, Any]
+    ) -> Any:
+        """aiohttp's response to the request (``body``: bytes, an async stream, or None)."""
         if self._session is None:
             self._session = self._open()
         try:
-            response = await self._session._request(
+            return await self._session._request(
                 method,
                 url,
                 headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers],
@@ -354,11 +358,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 timeout=self._timeout(timeouts),
             )
         except Exception as exc:
-            mapped = _as_httpx(exc)
-            if mapped is exc:
-                raise
-            raise mapped from exc
-        return _AiohttpAnswer(response)
+            _raise_as_httpx(exc)
 
     def _open(self) -> Any:
         import aiohttp
@@ -373,20 +373,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self._session is None:
-            self._session = self._open()
-        timeout = request.extensions.get("timeout", {})
         body: Any = request.content if isinstance(request.stream, httpx.ByteStream) else request.stream
-        with _mapped():
-            response = await self._session._request(
-                request.method,
-                str(request.url),
-                headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
-                data=body or None,
-                allow_redirects=False,
-                compress=False,
-                timeout=self._timeout(timeout),
-            )
+        timeouts = request.extensions.get("timeout", {})
+        response = await self._request(
+            request.method, str(request.url), request.headers.raw, body or None, timeouts
+        )
         return httpx.Response(
             status_code=response.status,
             headers=response.raw_headers,

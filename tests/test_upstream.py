@@ -36,6 +36,56 @@ async def _with_server(handler: Handler, body: Callable[[str], Awaitable[None]])
         server.close()
 
 
+def _recording(seen: list[tuple[bytes, bytes]]) -> Handler:
+    """A backend that keeps each request (head, body) and answers 201 with a repeated header."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await _read_request(reader))
+        writer.write(
+            b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\nx-a: 1\r\nx-a: 2\r\n"
+            b'content-length: 11\r\n\r\n{"ok": true'
+        )
+        await writer.drain()
+        writer.close()
+
+    return handler
+
+
+def _streaming(release: asyncio.Event) -> Handler:
+    """A backend that sends one event, then the rest once ``release`` is set."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n")
+        writer.write(b"transfer-encoding: chunked\r\n\r\n")
+        writer.write(b"7\r\ndata: 1\r\n")
+        await writer.drain()
+        await release.wait()
+        writer.write(b"7\r\ndata: 2\r\n0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    return handler
+
+
+def _hanging_up(when: str) -> Handler:
+    """A backend that reads the request, then hangs up before or in the middle of its answer."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        if when == "mid_body":
+            writer.write(b'HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{"partial')
+            await writer.drain()
+        writer.close()
+
+    return handler
+
+
+async def _silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    await asyncio.sleep(3)
+
+
 def _client(**timeouts: float) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         transport=AiohttpTransport(max_connections=8, keepalive_expiry=4.0),
@@ -45,15 +95,7 @@ def _client(**timeouts: float) -> httpx.AsyncClient:
 
 def test_forwards_the_request_exactly_and_keeps_every_response_header() -> None:
     seen: list[tuple[bytes, bytes]] = []
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        seen.append(await _read_request(reader))
-        writer.write(
-            b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\nx-a: 1\r\nx-a: 2\r\n"
-            b'content-length: 11\r\n\r\n{"ok": true}'[:-1]
-        )
-        await writer.drain()
-        writer.close()
+    handler = _recording(seen)
 
     async def body(url: str) -> None:
         async with _client() as client:
@@ -75,17 +117,6 @@ def test_a_stream_arrives_as_it_is_written() -> None:
     """The first event must reach the caller while the backend still holds the rest."""
     release = asyncio.Event()
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n")
-        writer.write(b"transfer-encoding: chunked\r\n\r\n")
-        writer.write(b"7\r\ndata: 1\r\n")
-        await writer.drain()
-        await release.wait()
-        writer.write(b"7\r\ndata: 2\r\n0\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
     async def body(url: str) -> None:
         async with _client() as client, client.stream("POST", url, content=b"{}") as response:
             chunks = response.aiter_bytes()
@@ -93,7 +124,7 @@ def test_a_stream_arrives_as_it_is_written() -> None:
             release.set()
             assert b"".join([c async for c in chunks]) == b"data: 2"
 
-    asyncio.run(_with_server(handler, body))
+    asyncio.run(_with_server(_streaming(release), body))
 
 
 def test_refused_connection_is_a_connect_error() -> None:
@@ -108,28 +139,17 @@ def test_refused_connection_is_a_connect_error() -> None:
 
 
 def test_silent_backend_is_a_read_timeout() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
-        await asyncio.sleep(3)
-
     async def body(url: str) -> None:
         async with _client(read=0.3) as client:
             with pytest.raises(httpx.ReadTimeout):
                 await client.post(url, content=b"{}")
 
-    asyncio.run(_with_server(handler, body))
+    asyncio.run(_with_server(_silent, body))
 
 
 @pytest.mark.parametrize("when", ["before_answer", "mid_body"])
 def test_a_backend_that_hangs_up_is_never_a_connect_error(when: str) -> None:
     """The request was delivered: retrying it could serve (and bill) it twice."""
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
-        if when == "mid_body":
-            writer.write(b'HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{"partial')
-            await writer.drain()
-        writer.close()
 
     async def body(url: str) -> None:
         async with _client() as client:
@@ -137,7 +157,7 @@ def test_a_backend_that_hangs_up_is_never_a_connect_error(when: str) -> None:
                 await client.post(url, content=b"{}")
             assert not isinstance(exc.value, httpx.ConnectError)
 
-    asyncio.run(_with_server(handler, body))
+    asyncio.run(_with_server(_hanging_up(when), body))
 
 
 def test_the_transport_is_a_setting() -> None:
@@ -188,15 +208,7 @@ def test_the_proxy_sends_through_the_aiohttp_pool_itself_and_wraps_any_other_tra
 
 def test_send_forwards_exactly_and_keeps_every_response_header(upstream: Callable[[], Any]) -> None:
     seen: list[tuple[bytes, bytes]] = []
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        seen.append(await _read_request(reader))
-        writer.write(
-            b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\nx-a: 1\r\nx-a: 2\r\n"
-            b'content-length: 11\r\n\r\n{"ok": true'
-        )
-        await writer.drain()
-        writer.close()
+    handler = _recording(seen)
 
     async def body(url: str) -> None:
         async with _opened(upstream) as backend:
@@ -219,18 +231,6 @@ def test_send_forwards_exactly_and_keeps_every_response_header(upstream: Callabl
 def test_send_streams_each_chunk_as_it_arrives(upstream: Callable[[], Any]) -> None:
     release = asyncio.Event()
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
-        writer.write(
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-        )
-        writer.write(b"7\r\ndata: 1\r\n")
-        await writer.drain()
-        await release.wait()
-        writer.write(b"7\r\ndata: 2\r\n0\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
     async def body(url: str) -> None:
         async with _opened(upstream) as backend:
             answer = await backend.send("POST", url, [], b"{}", _TIMEOUTS)
@@ -240,7 +240,7 @@ def test_send_streams_each_chunk_as_it_arrives(upstream: Callable[[], Any]) -> N
             assert b"".join([c async for c in chunks]) == b"data: 2"
             await answer.aclose()
 
-    asyncio.run(_with_server(handler, body))
+    asyncio.run(_with_server(_streaming(release), body))
 
 
 def test_send_decodes_an_answer_the_backend_compressed_anyway(upstream: Callable[[], Any]) -> None:
@@ -283,29 +283,18 @@ def test_send_to_a_refused_port_is_a_connect_error(upstream: Callable[[], Any]) 
 
 
 def test_send_to_a_silent_backend_is_a_read_timeout(upstream: Callable[[], Any]) -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
-        await asyncio.sleep(3)
-
     async def body(url: str) -> None:
         with pytest.raises(httpx.ReadTimeout):
             async with _opened(upstream) as backend:
                 await backend.send("POST", url, [], b"{}", {**_TIMEOUTS, "read": 0.3})
 
-    asyncio.run(_with_server(handler, body))
+    asyncio.run(_with_server(_silent, body))
 
 
 @pytest.mark.parametrize("when", ["before_answer", "mid_body"])
 def test_send_to_a_backend_that_hangs_up_is_never_a_connect_error(
     upstream: Callable[[], Any], when: str
 ) -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
-        if when == "mid_body":
-            writer.write(b'HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{"partial')
-            await writer.drain()
-        writer.close()
-
     async def body(url: str) -> None:
         with pytest.raises(httpx.TransportError) as exc:
             async with _opened(upstream) as backend:
@@ -313,4 +302,4 @@ def test_send_to_a_backend_that_hangs_up_is_never_a_connect_error(
                 await answer.aread()
         assert not isinstance(exc.value, httpx.ConnectError)
 
-    asyncio.run(_with_server(handler, body))
+    asyncio.run(_with_server(_hanging_up(when), body))
