@@ -2,10 +2,11 @@
 
 Pure ASGI on uvicorn (uvloop, httptools; no Server header and no forwarded-headers middleware,
 as ``gateway serve`` runs it) with one shared httpx.AsyncClient whose pool gets each request
-directly, as the gateway's proxy hands it (``gateway.upstream.upstream_for``: aiohttp's pool
-without httpx's models, or httpx's own pool): it reads the body, forwards it, and returns the
-answer framed by its length, as the gateway does. No auth, no metering, no ledger. The process
-runs under the garbage-collector policy ``gateway serve`` applies (:mod:`gateway.gc_policy`).
+directly, as the gateway's proxy hands it (``gateway.upstream.upstream_for``: the gateway's own
+HTTP/1.1 client or aiohttp's pool without httpx's models, or httpx's own pool): it reads the
+body, forwards it, and returns the answer framed by its length, as the gateway does. No auth,
+no metering, no ledger. The process runs under the garbage-collector policy ``gateway serve``
+applies (:mod:`gateway.gc_policy`).
 
     python -m bench.floor --port 8090 --upstream http://127.0.0.1:9000/v1/openai
 """
@@ -85,7 +86,7 @@ def main() -> None:
     )
     parser.add_argument("--port", type=int, default=8090)
     parser.add_argument("--upstream", required=True)
-    parser.add_argument("--transport", default="httpx", choices=("httpx", "aiohttp"))
+    parser.add_argument("--transport", default="httpx", choices=("httpx", "aiohttp", "http1"))
     args = parser.parse_args()
     uvicorn.run(
         served(floor_app(args.upstream, args.transport)),

@@ -1,10 +1,11 @@
 """Benchmark: what the gateway adds, beside the backend alone and bare pass-through proxies.
 
 Starts the emulator (zero latency), the gateway with full metering (a key with every limit: auth,
-tool accounting, quota reserve and settle, ledger, metrics) and two floors (``bench/floor.py``:
-the same server and httpx client API, no metering; one on httpx's own pool, one on the aiohttp
-transport the gateway uses by default), each in its own process; with ``--litellm`` also
-LiteLLM's proxy in front of the same emulator (installed into its own virtualenv). Then:
+tool accounting, quota reserve and settle, ledger, metrics) and three floors (``bench/floor.py``:
+the same server and httpx client API, no metering; one on httpx's own pool, one on aiohttp's, one
+on the gateway's own HTTP/1.1 client, which the gateway uses by default), each in its own
+process; with ``--litellm`` also LiteLLM's proxy in front of the same emulator (installed into
+its own virtualenv). Then:
 
 1. interleaved sequential requests (each target in turn) for the seed's tool request and a
    20-tool, ~8k-token request: p50 and p99, what each adds to the backend alone, and the
@@ -61,7 +62,7 @@ def big_request() -> dict[str, Any]:
     return {"model": "mistralai/Mistral-7B-Instruct-v0.3", "messages": messages, "tools": tools}
 
 
-TRANSPORTS = ("httpx", "aiohttp")
+TRANSPORTS = ("httpx", "aiohttp", "http1")
 CONNECTIONS = (1, 8, 32, 128)
 
 

@@ -70,9 +70,9 @@ class Settings:
     pool_timeout: float = 30.0
     max_connections: int = 512
     max_keepalive_connections: int = 128
-    # The connection pool under the upstream client: "aiohttp" (fast, the default) or "httpx"
-    # (httpx's own httpcore pool).
-    upstream_transport: str = "aiohttp"
+    # The connection pool under the upstream client: "http1" (the gateway's own HTTP/1.1 client,
+    # the default; https backends go to aiohttp's pool), "aiohttp", or "httpx" (httpcore's pool).
+    upstream_transport: str = "http1"
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # `gateway serve`'s garbage collector (gateway.gc_policy): the first generation's threshold
     # (Python's own is 700; 0 keeps Python's thresholds), and whether the heap is frozen out of

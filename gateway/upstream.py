@@ -1,15 +1,17 @@
 """The one HTTP client to the backend, and what crosses between client and backend headers.
 
-The client is configured through httpx's API. Under it, the transport is aiohttp's connection pool
-by default: httpx's own pool (httpcore) costs several times more CPU per request and collapses
-under many concurrent requests (measured by ``bench/overhead.py``); ``upstream_transport =
-"httpx"`` keeps it.
+The client is configured through httpx's API. Under it, the transport is by default the gateway's
+own HTTP/1.1 client (:mod:`gateway.http1`), which hands ``https://`` backends to aiohttp's pool.
+``upstream_transport = "aiohttp"`` uses aiohttp's pool for every backend (a third more CPU per
+request); ``"httpx"`` uses httpx's own pool (httpcore), which costs several times more and
+collapses under many concurrent requests (measured by ``bench/overhead.py``).
 
-The proxy sends through an :class:`Upstream`: ``upstream_for(client)``. On the aiohttp pool that
-is the pool itself, without httpx's request and response models in between (building, normalising
-and wrapping them cost a seventh of the bare pass-through's CPU per request); any other transport
-(httpx's pool, a test's ``httpx.MockTransport``) is wrapped by :class:`HttpxUpstream`. Either way
-failures surface as httpx's exceptions, the one vocabulary the proxy maps to its errors.
+The proxy sends through an :class:`Upstream`: ``upstream_for(client)``. On the gateway's client
+or aiohttp's pool that is the pool itself, without httpx's request and response models in between
+(building, normalising and wrapping them cost a seventh of the bare pass-through's CPU per
+request); any other transport (httpx's pool, a test's ``httpx.MockTransport``) is wrapped by
+:class:`HttpxUpstream`. Either way failures surface as httpx's exceptions, the one vocabulary the
+proxy maps to its errors.
 """
 
 from __future__ import annotations
@@ -164,23 +166,35 @@ def response_headers(upstream: RawHeaders) -> tuple[list[tuple[bytes, bytes]], s
     return headers, content_type.decode("latin-1")
 
 
+# Idle connections are dropped after 4 s: before uvicorn-based backends (vLLM) drop theirs at 5 s,
+# so a request is never written to a connection the backend is closing.
+KEEPALIVE_EXPIRY = 4.0
+
+
 def make_transport(
     kind: str, *, max_connections: int = 512, max_keepalive_connections: int = 128
 ) -> httpx.AsyncBaseTransport | None:
-    """``"aiohttp"``: :class:`AiohttpTransport`; ``"httpx"``: None (httpx's own pool)."""
+    """``"http1"``: :class:`gateway.http1.Http1Transport`; ``"aiohttp"``: :class:`AiohttpTransport`;
+    ``"httpx"``: None (httpx's own pool)."""
     if kind == "httpx":
         return None
     if kind == "aiohttp":
-        # Idle connections are dropped after 4 s: before uvicorn-based backends (vLLM) drop theirs
-        # at 5 s, so a request is never written to a connection the backend is closing.
-        return AiohttpTransport(max_connections=max_connections, keepalive_expiry=4.0)
-    raise ConfigError(f"setting 'upstream_transport': {kind!r} is not aiohttp or httpx")
+        return AiohttpTransport(max_connections=max_connections, keepalive_expiry=KEEPALIVE_EXPIRY)
+    if kind == "http1":
+        from gateway.http1 import Http1Transport
+
+        return Http1Transport(max_connections=max_connections, keepalive_expiry=KEEPALIVE_EXPIRY)
+    raise ConfigError(f"setting 'upstream_transport': {kind!r} is not http1, aiohttp or httpx")
 
 
 def upstream_for(client: httpx.AsyncClient) -> Upstream:
     """How the proxy sends through ``client``: the aiohttp pool directly, else httpx's models."""
+    from gateway.http1 import Http1Transport
+
     transport = client._transport
-    return transport if isinstance(transport, AiohttpTransport) else HttpxUpstream(transport)
+    if isinstance(transport, AiohttpTransport | Http1Transport):
+        return transport
+    return HttpxUpstream(transport)
 
 
 class HttpxUpstream:

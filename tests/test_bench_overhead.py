@@ -6,13 +6,19 @@ from typing import Any
 
 from bench.overhead import CONNECTIONS, report
 
-TARGETS = ("direct", "floor-httpx", "floor-aiohttp", "gateway")
+TARGETS = ("direct", "floor-httpx", "floor-aiohttp", "floor-http1", "gateway")
 REQUESTS = ("seed", "20 tools, 8k tokens")
 
 
 def _result() -> dict[str, Any]:
     figures = {"p50_ms": 2.0, "p99_ms": 3.0, "added_p50_ms": 0.5, "added_p99_ms": 0.7}
-    rps = {"direct": 1000.0, "floor-httpx": 400.0, "floor-aiohttp": 900.0, "gateway": 720.0}
+    rps = {
+        "direct": 1000.0,
+        "floor-httpx": 400.0,
+        "floor-aiohttp": 900.0,
+        "floor-http1": 960.0,
+        "gateway": 720.0,
+    }
     return {
         "python": "3.11.7",
         "cpus": 2,
@@ -40,7 +46,8 @@ def test_the_report_has_a_concurrency_table_per_request() -> None:
     for name in REQUESTS:
         assert f"Concurrency sweep, {name} request:" in md
         assert f"| {name} | gateway - floor-aiohttp | | | 0.000 | 0.000 |" in md
+        assert f"| {name} | gateway - floor-http1 | | | 0.000 | 0.000 |" in md
     # The seed's table shows its own throughput; the long request's its own (half, here).
-    assert "| 32 | 1000 | 400 | 900 | 720 | 9.50 | 0.80 | 0.80 |" in md
-    assert "| 32 | 500 | 200 | 450 | 360 | 9.50 | 0.80 | 0.80 |" in md
+    assert "| 32 | 1000 | 400 | 900 | 960 | 720 | 9.50 | 0.80 | 0.80 | 0.80 |" in md
+    assert "| 32 | 500 | 200 | 450 | 480 | 360 | 9.50 | 0.80 | 0.80 | 0.80 |" in md
     assert "58.0 MB at rest, 88.0 MB at most under load" in md

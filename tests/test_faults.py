@@ -22,7 +22,7 @@ V3 = "mistralai/Mistral-7B-Instruct-v0.3"
 LIMITS = {"tokens_per_day": 100_000, "max_concurrent": 5}
 
 
-@pytest.fixture(params=["aiohttp", "httpx"])
+@pytest.fixture(params=["http1", "aiohttp", "httpx"])
 def make_settings(
     make_settings: Callable[..., Settings], request: pytest.FixtureRequest
 ) -> Callable[..., Settings]:

@@ -1,4 +1,5 @@
-"""The aiohttp transport under httpx's API, against raw loopback servers that misbehave on cue."""
+"""The upstream pools, under httpx's API and as the proxy sends, against raw loopback servers
+that misbehave on cue."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.http1 import Http1Transport
 from gateway.settings import ConfigError, Settings
 from gateway.upstream import AiohttpTransport, HttpxUpstream, build_client, make_transport, upstream_for
 from tests.servers import free_port
@@ -86,19 +88,28 @@ async def _silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     await asyncio.sleep(3)
 
 
-def _client(**timeouts: float) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=AiohttpTransport(max_connections=8, keepalive_expiry=4.0),
-        timeout=httpx.Timeout(**{"timeout": 5.0, **timeouts}),
-    )
+_POOLS: dict[str, Callable[[], httpx.AsyncBaseTransport]] = {
+    "http1": lambda: Http1Transport(max_connections=8, keepalive_expiry=4.0),
+    "aiohttp": lambda: AiohttpTransport(max_connections=8, keepalive_expiry=4.0),
+}
 
 
-def test_forwards_the_request_exactly_and_keeps_every_response_header() -> None:
+@pytest.fixture(params=list(_POOLS))
+def pool(request: pytest.FixtureRequest) -> str:
+    """The pools under httpx's API (httpx's own needs no test here)."""
+    return str(request.param)
+
+
+def _client(pool: str, **timeouts: float) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=_POOLS[pool](), timeout=httpx.Timeout(**{"timeout": 5.0, **timeouts}))
+
+
+def test_forwards_the_request_exactly_and_keeps_every_response_header(pool: str) -> None:
     seen: list[tuple[bytes, bytes]] = []
     handler = _recording(seen)
 
     async def body(url: str) -> None:
-        async with _client() as client:
+        async with _client(pool) as client:
             response = await client.post(
                 url + "/v1/x?q=1", content=b'{"a": "\xc3\xa9"}', headers={"authorization": "Bearer k"}
             )
@@ -113,12 +124,12 @@ def test_forwards_the_request_exactly_and_keeps_every_response_header() -> None:
     assert sent == b'{"a": "\xc3\xa9"}'
 
 
-def test_a_stream_arrives_as_it_is_written() -> None:
+def test_a_stream_arrives_as_it_is_written(pool: str) -> None:
     """The first event must reach the caller while the backend still holds the rest."""
     release = asyncio.Event()
 
     async def body(url: str) -> None:
-        async with _client() as client, client.stream("POST", url, content=b"{}") as response:
+        async with _client(pool) as client, client.stream("POST", url, content=b"{}") as response:
             chunks = response.aiter_bytes()
             assert await asyncio.wait_for(chunks.__anext__(), 2) == b"data: 1"
             release.set()
@@ -127,20 +138,20 @@ def test_a_stream_arrives_as_it_is_written() -> None:
     asyncio.run(_with_server(_streaming(release), body))
 
 
-def test_refused_connection_is_a_connect_error() -> None:
+def test_refused_connection_is_a_connect_error(pool: str) -> None:
     """Only a ConnectError means nothing reached the backend (the proxy retries only that)."""
 
     async def run() -> None:
-        async with _client() as client:
+        async with _client(pool) as client:
             with pytest.raises(httpx.ConnectError):
                 await client.post(f"http://127.0.0.1:{free_port()}/v1/x", content=b"{}")
 
     asyncio.run(run())
 
 
-def test_silent_backend_is_a_read_timeout() -> None:
+def test_silent_backend_is_a_read_timeout(pool: str) -> None:
     async def body(url: str) -> None:
-        async with _client(read=0.3) as client:
+        async with _client(pool, read=0.3) as client:
             with pytest.raises(httpx.ReadTimeout):
                 await client.post(url, content=b"{}")
 
@@ -148,11 +159,11 @@ def test_silent_backend_is_a_read_timeout() -> None:
 
 
 @pytest.mark.parametrize("when", ["before_answer", "mid_body"])
-def test_a_backend_that_hangs_up_is_never_a_connect_error(when: str) -> None:
+def test_a_backend_that_hangs_up_is_never_a_connect_error(pool: str, when: str) -> None:
     """The request was delivered: retrying it could serve (and bill) it twice."""
 
     async def body(url: str) -> None:
-        async with _client() as client:
+        async with _client(pool) as client:
             with pytest.raises(httpx.TransportError) as exc:
                 await client.post(url, content=b"{}")
             assert not isinstance(exc.value, httpx.ConnectError)
@@ -165,21 +176,22 @@ def test_the_transport_is_a_setting() -> None:
     assert make_transport("httpx") is None
     assert isinstance(make_transport("aiohttp"), AiohttpTransport)
     client = build_client(Settings(upstream_url="http://x"))
-    assert isinstance(client._transport, AiohttpTransport)
+    assert isinstance(client._transport, Http1Transport)  # the default
     asyncio.run(client.aclose())
     asyncio.run(build_client(settings).aclose())
     with pytest.raises(ConfigError, match="upstream_transport"):
         make_transport("curl")
 
 
-# The proxy's own path: Upstream.send, straight onto the aiohttp pool (no httpx models), or
-# through httpx's models for any other transport. Both must behave as the httpx API above.
+# The proxy's own path: Upstream.send, straight onto the gateway's client or aiohttp's pool (no
+# httpx models), or through httpx's models for any other transport. All must behave alike.
 
 _TIMEOUTS = {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 5.0}
 
 
 def _upstreams() -> list[tuple[str, Callable[[], Any]]]:
     return [
+        ("http1", lambda: Http1Transport(max_connections=8, keepalive_expiry=4.0)),
         ("aiohttp", lambda: AiohttpTransport(max_connections=8, keepalive_expiry=4.0)),
         ("httpx", lambda: HttpxUpstream(httpx.AsyncHTTPTransport())),
     ]
@@ -191,7 +203,7 @@ async def _opened(factory: Callable[[], Any]) -> AsyncIterator[Any]:
     try:
         yield backend
     finally:
-        await (backend if isinstance(backend, AiohttpTransport) else backend._transport).aclose()
+        await (backend._transport if isinstance(backend, HttpxUpstream) else backend).aclose()
 
 
 @pytest.fixture(params=[name for name, _ in _upstreams()])
@@ -199,9 +211,11 @@ def upstream(request: pytest.FixtureRequest) -> Callable[[], Any]:
     return dict(_upstreams())[request.param]
 
 
-def test_the_proxy_sends_through_the_aiohttp_pool_itself_and_wraps_any_other_transport() -> None:
+def test_the_proxy_sends_through_the_pools_themselves_and_wraps_any_other_transport() -> None:
     aio = AiohttpTransport(max_connections=8, keepalive_expiry=4.0)
     assert upstream_for(httpx.AsyncClient(transport=aio)) is aio
+    own = Http1Transport(max_connections=8, keepalive_expiry=4.0)
+    assert upstream_for(httpx.AsyncClient(transport=own)) is own
     mock = httpx.MockTransport(lambda request: httpx.Response(200))
     assert isinstance(upstream_for(httpx.AsyncClient(transport=mock)), HttpxUpstream)
 
