@@ -153,7 +153,7 @@ class _Connection(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
-        """Close the connection; an answer still being read fails."""
+        """Close the connection (an answer still being read then fails, in connection_lost)."""
         if self.open:
             self.open = False
             assert self.transport is not None
@@ -408,11 +408,14 @@ class Http1Transport(httpx.AsyncBaseTransport):
             try:
                 async with asyncio.timeout_at(deadline):
                     await waiter
-            except TimeoutError:
-                raise httpx.PoolTimeout("No connection to the backend came free in time.") from None
-            finally:
+            except BaseException as exc:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
+                elif waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken, but leaving: the connection that came free is the next's
+                if isinstance(exc, TimeoutError):
+                    raise httpx.PoolTimeout("No connection to the backend came free in time.") from None
+                raise
 
     def _evict_idle(self) -> bool:
         """Close one idle connection (to any address) to make room; whether there was one."""

@@ -178,11 +178,14 @@ def test_beyond_max_connections_a_request_waits_for_one_up_to_the_pool_timeout()
             await asyncio.sleep(0.05)
             with pytest.raises(httpx.PoolTimeout):
                 await _send(client, url, b"x", pool=0.2)
+            leaving = asyncio.create_task(_send(client, url, b"gone"))
             waiting = asyncio.create_task(_send(client, url, b"after"))
             await asyncio.sleep(0.05)
+            leaving.cancel()  # a request that stops waiting (its client left) strands no one
             gate.set()
             assert await held == b"hold"
             assert await waiting == b"after"  # the freed connection went to the waiting request
+            assert leaving.cancelled()
         finally:
             await client.aclose()
 
