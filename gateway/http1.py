@@ -71,6 +71,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, transport: Http1Transport, address: tuple[str, int]) -> None:
         self.owner = transport
         self.address = address
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.answer: _Answer | None = None
@@ -157,7 +158,8 @@ class _Connection(asyncio.Protocol):
         if self.open:
             self.open = False
             assert self.transport is not None
-            self.transport.close()
+            if not self.loop.is_closed():
+                self.transport.close()
         self.owner._uncount(self)
 
 
@@ -395,7 +397,9 @@ class Http1Transport(httpx.AsyncBaseTransport):
             idle = self._idle.get(address)
             while idle:
                 conn = idle.pop()
-                if conn.open and loop.time() - conn.idle_since < self._keepalive:
+                # A connection belongs to the loop it was made on (an embedding program may run
+                # the application on another one later).
+                if conn.open and conn.loop is loop and loop.time() - conn.idle_since < self._keepalive:
                     return conn
                 conn.close()
             if self._open < self._limit or self._evict_idle():

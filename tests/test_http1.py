@@ -5,6 +5,7 @@ framing, and that an abandoned answer never reaches the next request."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 
 import httpx
@@ -339,3 +340,37 @@ def test_tls_credentials_and_head_requests_go_to_aiohttp() -> None:
             await client.aclose()
 
     asyncio.run(_with_server(handler, body))
+
+
+def test_a_connection_is_only_reused_on_the_loop_that_made_it() -> None:
+    """An embedding program may run the application on one event loop, then on another."""
+    connections: list[int] = []
+    client = Http1Transport(max_connections=1, keepalive_expiry=4.0)
+
+    async def body(url: str) -> None:
+        assert await _send(client, url, b"a") == b"a"
+
+    server_loop = asyncio.new_event_loop()
+    server = server_loop.run_until_complete(
+        asyncio.start_server(_serving(_echo, connections), "127.0.0.1", 0)
+    )
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    thread = threading.Thread(target=server_loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        asyncio.run(body(url))  # leaves an idle connection made on a loop that is now closed
+        asyncio.run(body(url))  # the limit is one: that connection must be dropped, not reused
+    finally:
+
+        async def shutdown() -> None:
+            server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+            await asyncio.sleep(0.05)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), server_loop).result(5)
+        server_loop.call_soon_threadsafe(server_loop.stop)
+        thread.join(5)
+        server_loop.close()
+    assert len(connections) == 2
