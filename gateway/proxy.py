@@ -254,6 +254,8 @@ class Proxy:
                 await self._relay_stream(
                     response, headers, settlement, strip_usage, t0, receive, send, meter, model
                 )
+            elif method == "HEAD":
+                await self._relay_head(response, headers, settlement, send)
             else:
                 await self._relay_whole(
                     response, content_type, headers, settlement, send, meter, replay, t0, timings
@@ -381,6 +383,22 @@ class Proxy:
                     f"The backend connection failed ({type(exc).__name__}).", code="upstream_error"
                 ) from exc
         raise AssertionError("unreachable")
+
+    async def _relay_head(
+        self,
+        response: BackendResponse,
+        headers: list[tuple[bytes, bytes]],
+        settlement: Settlement,
+        send: Send,
+    ) -> None:
+        """A HEAD answer has no body to read usage from: its headers, with the backend's length."""
+        await response.aclose()
+        settlement.status = response.status_code
+        if not response.is_success:
+            settlement.error = f"backend status {response.status_code}"
+        headers += [(k.lower(), v) for k, v in response.raw_headers if k.lower() == b"content-length"]
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
 
     async def _relay_whole(
         self,

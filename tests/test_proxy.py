@@ -387,3 +387,14 @@ def test_stream_without_usage_is_marked_estimated(
 
 def test_health_needs_no_key(gateway: TestClient) -> None:
     assert gateway.get("/healthz").json() == {"status": "ok"}
+
+
+def test_a_head_request_gets_the_backends_head(gateway: TestClient, backend: Backend, key: str) -> None:
+    """HEAD on a proxied GET route: no body to read usage from, so not a malformed answer."""
+    backend.handler = lambda r: httpx.Response(
+        200, headers={"content-type": "application/json", "content-length": "42"}
+    )
+    response = gateway.head("/v1/models", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200
+    assert response.headers["content-length"] == "42"
+    assert [r.method for r in backend.requests] == ["HEAD"]
