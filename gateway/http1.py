@@ -3,9 +3,9 @@ loop's transports, answers read by httptools (the C parser the server reads requ
 
 Why: aiohttp's client stack (request and response objects, multidicts, a task to write each
 body, a timer rescheduled on every chunk) was the largest single cost of a proxied request. Under
-32 connections the gateway spent 0.82 ms of CPU per request on aiohttp's pool and 0.52 ms on this
-one (``bench/overhead.py``'s machine, process CPU from ``/proc``). Here a request is one buffer
-and one write, the answer is parsed in C, and a request keeps one timer.
+32 connections the gateway spent 0.755 ms of CPU per request on aiohttp's pool and 0.477 ms on
+this one (the median of three interleaved rounds of wrk; process CPU from ``/proc``). Here a
+request is one buffer and one write, the answer is parsed in C, and a request keeps one timer.
 
 What it does:
 

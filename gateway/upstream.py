@@ -2,8 +2,8 @@
 
 The client is configured through httpx's API. Under it, the transport is by default the gateway's
 own HTTP/1.1 client (:mod:`gateway.http1`), which hands ``https://`` backends to aiohttp's pool.
-``upstream_transport = "aiohttp"`` uses aiohttp's pool for every backend (a third more CPU per
-request); ``"httpx"`` uses httpx's own pool (httpcore), which costs several times more and
+``upstream_transport = "aiohttp"`` uses aiohttp's pool for every backend (about 1.6 times the
+CPU per request under load); ``"httpx"`` uses httpx's own pool (httpcore), which costs several times more and
 collapses under many concurrent requests (measured by ``bench/overhead.py``).
 
 The proxy sends through an :class:`Upstream`: ``upstream_for(client)``. On the gateway's client
