@@ -29,16 +29,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httptools
 import httpx
 import yarl
 
-__all__ = ["Http1Transport"]
+from gateway.upstream import AiohttpTransport, RawHeaders
 
-RawHeaders = Sequence[tuple[bytes, bytes]]
+__all__ = ["Http1Transport"]
 
 # Bytes of an answer held for a slow reader before the backend is asked to wait (TCP's window).
 _HIGH_WATER = 1 << 20
@@ -332,8 +332,6 @@ class Http1Transport(httpx.AsyncBaseTransport):
 
     def _aiohttp(self) -> Any:
         if self._fallback is None:
-            from gateway.upstream import AiohttpTransport
-
             self._fallback = AiohttpTransport(max_connections=self._limit, keepalive_expiry=self._keepalive)
         return self._fallback
 

@@ -5,8 +5,9 @@ framing, and that an abandoned answer never reaches the next request."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import httpx
 import pytest
@@ -55,6 +56,15 @@ def _echo(head: bytes, body: bytes) -> bytes:
     return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
 
 
+@contextlib.asynccontextmanager
+async def _pool(max_connections: int = 8, keepalive_expiry: float = 4.0) -> AsyncIterator[Http1Transport]:
+    client = Http1Transport(max_connections=max_connections, keepalive_expiry=keepalive_expiry)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
 async def _send(client: Http1Transport, url: str, body: bytes, **timeouts: float) -> bytes:
     answer = await client.send("POST", url, [], body, {**_TIMEOUTS, **timeouts})
     try:
@@ -67,12 +77,9 @@ def test_requests_in_turn_share_one_connection() -> None:
     connections: list[int] = []
 
     async def body(url: str) -> None:
-        client = Http1Transport(max_connections=8, keepalive_expiry=4.0)
-        try:
+        async with _pool() as client:
             for i in range(5):
                 assert await _send(client, url + "/v1/x", b"%d" % i) == b"%d" % i
-        finally:
-            await client.aclose()
 
     asyncio.run(_with_server(_serving(_echo, connections), body))
     assert len(connections) == 1
@@ -82,13 +89,10 @@ def test_a_connection_idle_past_its_expiry_is_not_reused() -> None:
     connections: list[int] = []
 
     async def body(url: str) -> None:
-        client = Http1Transport(max_connections=8, keepalive_expiry=0.05)
-        try:
+        async with _pool(keepalive_expiry=0.05) as client:
             assert await _send(client, url, b"a") == b"a"
             await asyncio.sleep(0.1)
             assert await _send(client, url, b"b") == b"b"
-        finally:
-            await client.aclose()
 
     asyncio.run(_with_server(_serving(_echo, connections), body))
     assert len(connections) == 2
@@ -106,13 +110,10 @@ def test_a_connection_the_backend_closed_while_idle_is_replaced() -> None:
         writer.close()
 
     async def body(url: str) -> None:
-        client = Http1Transport(max_connections=8, keepalive_expiry=4.0)
-        try:
+        async with _pool() as client:
             assert await _send(client, url, b"a") == b"a"
             await asyncio.sleep(0.05)  # the hang-up arrives while the connection is idle
             assert await _send(client, url, b"b") == b"b"
-        finally:
-            await client.aclose()
 
     asyncio.run(_with_server(handler, body))
     assert len(connections) == 2
@@ -139,8 +140,7 @@ def test_an_abandoned_answer_never_reaches_the_next_request() -> None:
             await writer.drain()
 
     async def body(url: str) -> None:
-        client = Http1Transport(max_connections=1, keepalive_expiry=4.0)
-        try:
+        async with _pool(max_connections=1) as client:
             slow = asyncio.create_task(_send(client, url, b"slow"))
             await asyncio.sleep(0.1)
             slow.cancel()
@@ -150,8 +150,6 @@ def test_an_abandoned_answer_never_reaches_the_next_request() -> None:
             assert await _send(client, url, b"next", pool=1.0) == b"next"
             release.set()
             assert await _send(client, url, b"last") == b"last"
-        finally:
-            await client.aclose()
 
     asyncio.run(_with_server(handler, body))
 
@@ -173,8 +171,7 @@ def test_beyond_max_connections_a_request_waits_for_one_up_to_the_pool_timeout()
             await writer.drain()
 
     async def body(url: str) -> None:
-        client = Http1Transport(max_connections=1, keepalive_expiry=4.0)
-        try:
+        async with _pool(max_connections=1) as client:
             held = asyncio.create_task(_send(client, url, b"hold"))
             await asyncio.sleep(0.05)
             with pytest.raises(httpx.PoolTimeout):
@@ -187,8 +184,6 @@ def test_beyond_max_connections_a_request_waits_for_one_up_to_the_pool_timeout()
             assert await held == b"hold"
             assert await waiting == b"after"  # the freed connection went to the waiting request
             assert leaving.cancelled()
-        finally:
-            await client.aclose()
 
     asyncio.run(_with_server(handler, body))
     assert len(connections) == 1
@@ -210,11 +205,8 @@ def test_every_framing_of_an_answer_is_read_whole(wire: bytes) -> None:
         writer.close()
 
     async def body(url: str) -> None:
-        client = Http1Transport(max_connections=8, keepalive_expiry=4.0)
-        try:
+        async with _pool() as client:
             assert await _send(client, url, b"{}") == b"abcde"
-        finally:
-            await client.aclose()
 
     asyncio.run(_with_server(handler, body))
 
@@ -229,14 +221,11 @@ def test_an_interim_answer_is_skipped() -> None:
         writer.close()
 
     async def body(url: str) -> None:
-        client = Http1Transport(max_connections=8, keepalive_expiry=4.0)
-        try:
+        async with _pool() as client:
             answer = await client.send("POST", url, [], b"{}", _TIMEOUTS)
             assert answer.status_code == 201
             assert answer.raw_headers == [(b"x-a", b"1"), (b"content-length", b"2")]
             assert await answer.aread() == b"ok"
-        finally:
-            await client.aclose()
 
     asyncio.run(_with_server(handler, body))
 
@@ -248,12 +237,9 @@ def test_an_answer_that_is_not_http_is_a_protocol_error() -> None:
         await writer.drain()
 
     async def body(url: str) -> None:
-        client = Http1Transport(max_connections=8, keepalive_expiry=4.0)
-        try:
+        async with _pool() as client:
             with pytest.raises(httpx.RemoteProtocolError):
                 await _send(client, url, b"{}")
-        finally:
-            await client.aclose()
 
     asyncio.run(_with_server(handler, body))
 
@@ -275,8 +261,7 @@ def test_a_long_stream_read_slowly_arrives_whole() -> None:
         writer.close()
 
     async def body(url: str) -> None:
-        client = Http1Transport(max_connections=8, keepalive_expiry=4.0)
-        try:
+        async with _pool() as client:
             answer = await client.send("POST", url, [], b"{}", {**_TIMEOUTS, "read": 0.2})
             parts = answer.aiter_bytes()
             received = await parts.__anext__()
@@ -287,8 +272,6 @@ def test_a_long_stream_read_slowly_arrives_whole() -> None:
                 await asyncio.sleep(0.001)
             assert received == chunk * count
             await answer.aclose()
-        finally:
-            await client.aclose()
 
     asyncio.run(_with_server(handler, body))
 
@@ -304,12 +287,9 @@ def test_the_request_target_is_encoded_and_the_host_named() -> None:
         writer.close()
 
     async def body(url: str) -> None:
-        client = Http1Transport(max_connections=8, keepalive_expiry=4.0)
-        try:
+        async with _pool() as client:
             answer = await client.send("GET", url + "/v1/models/a b?x=1", [(b"x-k", b"v")], None, _TIMEOUTS)
             assert await answer.aread() == b""
-        finally:
-            await client.aclose()
 
     asyncio.run(_with_server(handler, body))
     ((head,),) = [seen]
