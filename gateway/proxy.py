@@ -9,6 +9,7 @@ settled (or, if the process dies, recovered at the next start).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,7 @@ from gateway.auth import PRINCIPAL, StaleConfiguration
 from gateway.errors import GatewayError, InvalidRequest, QuotaExceeded, UpstreamError, UpstreamTimeout
 from gateway.keys import Principal
 from gateway.ledger import Ledger, PendingRow, Settlement, new_request_id
+from gateway.limits import Limits
 from gateway.metrics import Metrics, Timings
 from gateway.prices import Price
 from gateway.quota import Demand, QuotaStore, RateWindows, Rejection, Reservation, WindowState, rate_windows
@@ -42,6 +44,8 @@ log = logging.getLogger("gateway.proxy")
 REQUEST_ID_HEADER = b"x-gateway-request-id"
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the answer was complete
 CONNECT_RETRIES = 1
+HOLD_WAIT = 5.0  # seconds a refused request waits for its key's bounds to become counts
+_HELD_LIMITS = frozenset(("tpm", "tokens_per_day", "tokens_per_month", "spend_per_month"))
 BACKEND_ERRORS = {
     "upstream_unreachable": "unreachable",
     "upstream_timeout": "timeout",
@@ -101,6 +105,12 @@ class Proxy:
         self.api_key = upstream_api_key
         self.max_body_bytes = max_body_bytes
         self._urls: dict[RouteSpec, Any] = {}
+        # A store that can trade a held bound for the count later (LocalQuota, synchronously)
+        # lets a budgeted request be counted beside the backend's work; others count first.
+        self._shrink: Callable[[Reservation, Limits, Demand, float], None] | None = getattr(
+            quota, "shrink", None
+        )
+        self._holds: dict[int, set[asyncio.Future[None]]] = {}  # key id -> bounds held while counting
 
     def endpoint(self, spec: RouteSpec) -> _Endpoint:
         return _Endpoint(self, spec)
@@ -175,9 +185,14 @@ class Proxy:
         price = await self.prices(model, started_at, principal.version) if method == "POST" else None
         demand = Demand(0, 0)
         counted: Accounting | None = None
+        bound: int | None = None  # held instead of the count while the count runs beside the backend
         if limits.budgets_tokens and method == "POST":
-            # A budget needs the request's size before it is forwarded: count now, not overlapped.
-            if to_count is not None:
+            # A budget needs the request's size before it is forwarded: a bound the count cannot
+            # exceed where the format gives one and the store can trade it for the count later,
+            # else the count itself, now.
+            if to_count is not None and self._shrink is not None:
+                bound = self.accountant.bound(*to_count[:3])
+            if to_count is not None and bound is None:
                 counted = await self._count(*to_count)
                 meter = _Metering(counted, bool(to_count[2]))
                 to_count = None
@@ -189,20 +204,38 @@ class Proxy:
                 max_out = payload["max_tokens"] = cap
                 modified = spliced is None
                 body = spliced or body
-            prompt = counted.prompt_tokens if counted else len(raw_body) // 2 + 1
-            tool = counted.tool_tokens if counted else 0
             assert price is not None
-            demand = Demand(
-                prompt + (max_out or 0),
-                price.cost(input_tokens=prompt, tool_tokens=tool, output_tokens=max_out or 0),
+            demand = (
+                _demand(counted, len(raw_body), max_out, price)
+                if bound is None
+                else _bound_demand(bound, len(raw_body), max_out, price)
             )
         if modified:
             body = jsonio.encode(payload, fast_json)
         reservation: Reservation | None = None
         rate_headers: list[tuple[bytes, bytes]] = []
+        hold: asyncio.Future[None] | None = None
         if limits.any:
             now = time.time()
             result = await self.quota.reserve(principal.key_id, limits, demand, now)
+            if isinstance(result, Rejection) and bound is not None and to_count is not None:
+                # The bound does not fit: decide on the count, exactly as without a bound.
+                assert price is not None
+                counted = await self._count(*to_count)
+                meter = _Metering(counted, bool(to_count[2]))
+                to_count, bound = None, None
+                demand = _demand(counted, len(raw_body), max_out, price)
+                result = await self.quota.reserve(principal.key_id, limits, demand, now)
+            if (
+                isinstance(result, Rejection)
+                and result.limit in _HELD_LIMITS
+                and self._holds.get(principal.key_id)
+            ):
+                # Requests of this key hold bounds while they count: decide once they hold counts,
+                # so a bound never refuses what the counts would admit.
+                await asyncio.wait(list(self._holds[principal.key_id]), timeout=HOLD_WAIT)
+                now = time.time()
+                result = await self.quota.reserve(principal.key_id, limits, demand, now)
             if isinstance(result, Rejection):
                 if principal.version is not None and principal.version != self.config_version():
                     # Refused under limits or prices that changed since: decide again, afresh.
@@ -210,7 +243,9 @@ class Proxy:
                 windows = await self.quota.windows(principal.key_id, limits, now)
                 raise QuotaExceeded.from_rejection(result, rate_limit_headers(rate_windows(windows), now))
             reservation = result
-            if result.rate is not None:
+            if bound is not None:
+                hold = self._hold(principal.key_id)
+            elif result.rate is not None:
                 rate_headers = rate_limit_headers(result.rate, now)
 
         url = self._url(spec, scope)
@@ -238,7 +273,13 @@ class Proxy:
             )
             if to_count is not None:
                 # Counting overlaps the backend's work: it runs once the request is on its way.
-                counting = asyncio.create_task(self._count(*to_count))
+                if hold is not None and reservation is not None and price is not None:
+                    exact = functools.partial(_demand, size=len(raw_body), max_out=max_out, price=price)
+                    counting = asyncio.create_task(
+                        self._count_and_shrink(to_count, reservation, limits, exact, hold)
+                    )
+                else:
+                    counting = asyncio.create_task(self._count(*to_count))
             timings.send_at = time.perf_counter()
             response = await self._send(method, url, headers_out, body or None)
             timings.backend = time.perf_counter() - timings.send_at
@@ -247,6 +288,10 @@ class Proxy:
                 backend_error = f"status_{response.status_code // 100}xx"
             if counting is not None:
                 meter = _Metering(await counting, bool(to_count and to_count[2]))
+            if hold is not None and reservation is not None:
+                settlement.reserved_tokens = reservation.demand.tokens
+                if reservation.rate is not None:
+                    rate_headers = rate_limit_headers(reservation.rate, time.time())
             settlement.upstream_ms = (time.perf_counter() - t0) * 1000
             headers, content_type = response_headers(response.raw_headers)
             headers += (id_header, *rate_headers)
@@ -282,6 +327,8 @@ class Proxy:
                 )
             if reservation is not None:
                 self.quota.settle(reservation, used, settlement.cost_micros or 0, time.time())
+            if hold is not None:
+                self._release(principal.key_id, hold)
             self.ledger.settle(settlement)
             timings.total = settlement.duration_ms / 1000
             if timings.send_at is not None:
@@ -305,6 +352,36 @@ class Proxy:
                 timings=timings,
                 error=backend_error,
             )
+
+    def _hold(self, key_id: int) -> asyncio.Future[None]:
+        """Mark a bound held for ``key_id`` until its count replaces it (or the request ends)."""
+        hold: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._holds.setdefault(key_id, set()).add(hold)
+        return hold
+
+    def _release(self, key_id: int, hold: asyncio.Future[None]) -> None:
+        if not hold.done():
+            hold.set_result(None)
+        holds = self._holds.get(key_id)
+        if holds is not None:
+            holds.discard(hold)
+            if not holds:
+                del self._holds[key_id]
+
+    async def _count_and_shrink(
+        self,
+        to_count: tuple[str, Any, Any, int],
+        reservation: Reservation,
+        limits: Limits,
+        exact: Callable[[Accounting | None], Demand],
+        hold: asyncio.Future[None],
+    ) -> Accounting | None:
+        """The count, and the reservation's bound traded for the demand the count gives."""
+        counted = await self._count(*to_count)
+        assert self._shrink is not None
+        self._shrink(reservation, limits, exact(counted), time.time())
+        self._release(reservation.key_id, hold)
+        return counted
 
     async def _count(self, model: str, messages: Any, tools: Any, size: int) -> Accounting | None:
         """The gateway's own count of the request, or None when it cannot count this model."""
@@ -514,6 +591,27 @@ class Proxy:
             _settle_stream(settlement, meter, self._text_counter(model))
             if response.is_success:
                 self._bill(settlement, metering)
+
+
+def _demand(counted: Accounting | None, size: int, max_out: int | None, price: Price) -> Demand:
+    """What a budget holds for a request: its count (a guess from its size if it has none) and
+    its output cap, and their price."""
+    prompt = counted.prompt_tokens if counted else size // 2 + 1
+    tool = counted.tool_tokens if counted else 0
+    out = max_out or 0
+    return Demand(prompt + out, price.cost(input_tokens=prompt, tool_tokens=tool, output_tokens=out))
+
+
+def _bound_demand(bound: int, size: int, max_out: int | None, price: Price) -> Demand:
+    """At least what :func:`_demand` can give once counted, or if counting fails: the cost is
+    linear in the tool tokens, anywhere from none to the whole prompt, so an end is the most."""
+    prompt = max(bound, size // 2 + 1)
+    out = max_out or 0
+    spend = max(
+        price.cost(input_tokens=prompt, tool_tokens=0, output_tokens=out),
+        price.cost(input_tokens=prompt, tool_tokens=prompt, output_tokens=out),
+    )
+    return Demand(prompt + out, spend)
 
 
 class _Metering:

@@ -88,6 +88,9 @@ class Rejection:
 
 
 class QuotaStore(Protocol):
+    """A store may also have ``shrink(reservation, limits, demand, now)``, synchronous: it trades
+    a held bound for a smaller demand (LocalQuota). The proxy then counts beside the backend."""
+
     async def reserve(
         self, key_id: int, limits: Limits, demand: Demand, now: float
     ) -> Reservation | Rejection:
@@ -188,6 +191,31 @@ class LocalQuota:
             reserved_tokens=state.reserved_tokens,
         )
         return Reservation(key_id, demand, state.day, state.month, now, rate=rate)
+
+    def shrink(self, reservation: Reservation, limits: Limits, demand: Demand, now: float) -> None:
+        """Hold ``demand`` instead of the reservation's larger one (the exact count replacing a
+        bound), and refresh its rate windows. A hold never grows here: that would skip the check."""
+        if reservation.released:
+            return
+        held = reservation.demand
+        tokens = min(demand.tokens, held.tokens)
+        spend = min(demand.spend, held.spend)
+        state = self._state(reservation.key_id, now)
+        state.reserved_tokens -= held.tokens - tokens
+        state.reserved_spend -= held.spend - spend
+        reservation.demand = Demand(tokens, spend)
+        if reservation.rate is not None:
+            reservation.rate = rate_windows_of(
+                limits,
+                now,
+                requests=len(state.requests),
+                first_request=state.requests[0] if state.requests else None,
+                minute_tokens=state.minute_tokens,
+                first_tokens=state.tokens[0][0] if state.tokens else None,
+                day_tokens=state.day_tokens,
+                month_tokens=state.month_tokens,
+                reserved_tokens=state.reserved_tokens,
+            )
 
     def settle(self, reservation: Reservation, tokens: int, spend: int, now: float) -> None:
         """Replace the reservation by what was used (0 and 0 releases it). Idempotent."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -398,3 +400,135 @@ def test_a_head_request_gets_the_backends_head(gateway: TestClient, backend: Bac
     assert response.status_code == 200
     assert response.headers["content-length"] == "42"
     assert [r.method for r in backend.requests] == ["HEAD"]
+
+
+def _budget_key(settings: Settings, name: str = "budgeted", **limits: int) -> str:
+    db = open_db(settings.db)
+    try:
+        return KeyStore(db, load_key_secret(settings)).create(name, limits=limits)[1]
+    finally:
+        db.close()
+
+
+def _load_tokenizer(client: TestClient, settings: Settings) -> None:
+    """A first request for a model loads its tokenizer (off the loop) and is counted first: a
+    bound needs the model's profile built."""
+    assert _chat(client, _budget_key(settings, "warm-up"), tools=SEED_TOOLS).status_code == 200
+
+
+def _seed_demand(max_tokens: int) -> tuple[int, int]:
+    """(the seed request's demand once counted, the bound its format gives) with this cap."""
+    from gateway.accounting.accountant import Accountant
+    from gateway.accounting.registry import Registry
+
+    accountant = Accountant(Registry.load())
+    counted = accountant.count(SEED_MODEL, SEED_MESSAGES, SEED_TOOLS).prompt_tokens
+    bound = accountant.bound(SEED_MODEL, SEED_MESSAGES, SEED_TOOLS)
+    assert bound is not None and bound > counted
+    return counted + max_tokens, bound + max_tokens
+
+
+def test_a_budgeted_request_is_counted_beside_the_backend_and_holds_its_count(
+    make_settings: Callable[..., Settings],
+    backend: Backend,
+    db_path: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a budget, the request goes out holding a bound; the count runs while the backend
+    works, and replaces the bound before the answer: the rate headers and the ledger's hold
+    are the count's, as if it had been counted first."""
+    from gateway.proxy import Proxy
+
+    events: list[str] = []
+    count = Proxy._count
+    sent = [0]  # requests the backend had before this one
+
+    async def recorded(self: Proxy, *args: Any) -> Any:
+        for _ in range(100):  # counted first, the request cannot reach the backend meanwhile
+            if len(backend.requests) > sent[0]:
+                break
+            await asyncio.sleep(0.01)
+        events.append(
+            "counted after the backend had it" if len(backend.requests) > sent[0] else "counted first"
+        )
+        return await count(self, *args)
+
+    monkeypatch.setattr(Proxy, "_count", recorded)
+    settings = make_settings()
+    key = _budget_key(settings, tokens_per_day=100_000)
+    exact, _ = _seed_demand(40)
+    app = create_app(settings, transport=httpx.MockTransport(backend))
+    with TestClient(app) as client:
+        _load_tokenizer(client, settings)
+        events.clear()
+        sent[0] = len(backend.requests)
+        resp = _chat(client, key, tools=SEED_TOOLS, max_tokens=40)
+        assert resp.status_code == 200, resp.text
+        assert events == ["counted after the backend had it"]
+        assert resp.headers["x-ratelimit-remaining-tokens"] == str(100_000 - exact)
+    rows = [r for r in settled_rows(db_path) if r["reserved_tokens"] is not None]
+    assert [r["reserved_tokens"] for r in rows] == [exact]
+
+
+def test_a_key_too_near_its_budget_for_the_bound_is_decided_on_the_count(
+    make_settings: Callable[..., Settings], backend: Backend
+) -> None:
+    """The bound does not fit what is left, the count does: the request is admitted, counted
+    first, exactly as without bounds; the next one, which the count does not fit, is refused."""
+    exact, bound = _seed_demand(40)
+    settings = make_settings()
+    key = _budget_key(settings, tokens_per_day=exact)
+    assert bound > exact
+    with TestClient(create_app(settings, transport=httpx.MockTransport(backend))) as client:
+        _load_tokenizer(client, settings)
+        assert _chat(client, key, tools=SEED_TOOLS, max_tokens=40).status_code == 200
+        _assert_error(_chat(client, key, tools=SEED_TOOLS, max_tokens=40), 429, "insufficient_quota")
+    assert len(backend.requests) == 2
+
+
+def test_a_request_refused_beside_a_held_bound_is_decided_again_once_it_is_a_count(
+    make_settings: Callable[..., Settings], backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two requests whose counts fit the budget together. The first holds its bound while its
+    count is slow; the second, refused beside that bound, waits for the count and is admitted:
+    a bound never refuses what counting first would have admitted."""
+    from gateway.proxy import Proxy
+
+    exact, bound = _seed_demand(40)
+    settings = make_settings()
+    limit = bound + 10  # the first one's bound fits; beside it, not even the second's count
+    key = _budget_key(settings, tokens_per_day=limit)
+    assert bound + exact > limit >= 2 * exact
+    count = Proxy._count
+    calls: list[int] = []
+
+    async def first_is_slow(self: Proxy, *args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            await asyncio.sleep(0.5)
+        return await count(self, *args)
+
+    monkeypatch.setattr(Proxy, "_count", first_is_slow)
+    first_sent = threading.Event()
+    usage = {"prompt_tokens": 116, "completion_tokens": 1, "total_tokens": 117}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        first_sent.set()
+        return httpx.Response(200, json=_completion(usage=usage))
+
+    backend.handler = answer
+    with TestClient(create_app(settings, transport=httpx.MockTransport(backend))) as client:
+        _load_tokenizer(client, settings)
+        calls.clear()
+        first_sent.clear()
+        results: list[httpx.Response] = []
+        first = threading.Thread(
+            target=lambda: results.append(_chat(client, key, tools=SEED_TOOLS, max_tokens=40))
+        )
+        first.start()
+        assert first_sent.wait(10)
+        second = _chat(client, key, tools=SEED_TOOLS, max_tokens=40)
+        first.join(10)
+        assert second.status_code == 200, second.text
+        assert [r.status_code for r in results] == [200]
+    assert len(backend.requests) == 3

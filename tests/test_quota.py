@@ -223,3 +223,21 @@ def test_header_windows_built_directly_match_the_full_windows_selection() -> Non
         }
         full = window_states(limits, now, month_spend=0, reserved_spend=0, in_flight=0, **figures)
         assert rate_windows_of(limits, now, **figures) == rate_windows(full), (limits, figures)
+
+
+def test_shrinking_a_hold_frees_the_difference_and_never_grows_it() -> None:
+    """A bound held while counting is traded for the count: the difference is free at once,
+    a larger demand is not taken (that would skip the check), and a settled hold is left alone."""
+    q = LocalQuota()
+    limits = Limits(tokens_per_day=100, tpm=1_000)
+    held = reserve(q, limits, tokens=90, spend=9)
+    assert isinstance(held, Reservation) and isinstance(reserve(q, limits, tokens=20), Rejection)
+    q.shrink(held, limits, Demand(30, 3), NOON)
+    assert q.outstanding() == (1, 30) and held.demand == Demand(30, 3)
+    assert held.rate == rate_windows(q.windows_now(1, limits, NOON))
+    q.shrink(held, limits, Demand(80, 8), NOON)
+    assert q.outstanding() == (1, 30)
+    assert isinstance(reserve(q, limits, tokens=70), Reservation)
+    q.settle(held, 25, 2, NOON)
+    q.shrink(held, limits, Demand(0, 0), NOON)
+    assert q.outstanding() == (1, 70)

@@ -75,6 +75,24 @@ class Accountant:
             format=profile.format_name,
         )
 
+    def bound(self, model: str, messages: Messages, tools: Tools | None) -> int | None:
+        """A number ``count`` cannot exceed for this request, found without the tokenizer; None
+        where the model's format cannot say (or its tokenizer is not loaded yet)."""
+        if not self.registry.ready(model):
+            return None
+        try:
+            profile, _ = self.profile(model)
+        except UnknownModel:
+            return None
+        bound = getattr(profile.format, "bound", None)
+        if bound is None:
+            return None
+        try:
+            result: int | None = bound(messages, tools or None)
+        except (TypeError, AttributeError, KeyError, ValueError, RecursionError):
+            return None  # shapes the format cannot read: count() decides, as before
+        return result
+
     def count_text(self, model: str, text: str) -> int | None:
         """Tokens of plain text (e.g. a streamed answer) with the model's tokenizer; None if unknown."""
         try:

@@ -23,11 +23,15 @@ from typing import Any
 
 from gateway.accounting.encoders import Encoder
 from gateway.accounting.tool_memo import ToolMemo
-from gateway.accounting.types import Count, FormatError, Messages, Tools, text_of
+from gateway.accounting.types import Count, FormatError, Messages, Tools, text_bound, text_of
 
 __all__ = ["MistralFormat", "MistralV1Format", "tools_json"]
 
 JOIN = "\n\n"
+# Bounds (see ``bound``): each message adds at most its text, two control tokens and a JOIN;
+# the prompt adds <s> and perhaps an empty first user turn.
+_MESSAGE_EXTRA = 2 + len(JOIN)
+_PROMPT_EXTRA = 1 + 2
 
 
 def tools_json(tools: Tools) -> str:
@@ -151,6 +155,30 @@ class MistralFormat:
     def _count_tools_block(self, tools: Tools) -> int:
         return 2 + self.encoder.count(tools_json(tools))
 
+    def bound(self, messages: Messages, tools: Tools | None) -> int | None:
+        """At most what ``count`` gives, without the tokenizer: text messages only (tool calls
+        and results are re-serialized, so their length is not the request's); None otherwise.
+
+        Each user, system or assistant text is one segment or part of one (runs merged with
+        JOIN, v2/v3 system texts moved before the last user text), between at most two
+        control tokens; the tools block is its JSON between two."""
+        total = _PROMPT_EXTRA
+        for message in messages:
+            role = message.get("role")
+            content = message.get("content")
+            if (role != "user" and role != "assistant" and role != "system") or message.get("tool_calls"):
+                return None
+            if isinstance(content, str):
+                total += _MESSAGE_EXTRA + text_bound(content)
+            elif content is None and role != "assistant":
+                total += _MESSAGE_EXTRA
+            else:
+                return None  # content parts, or an assistant message count() refuses
+        if tools:
+            block = self._tools_block.peek(tools)
+            total += block if block is not None else 2 + text_bound(tools_json(tools))
+        return total
+
     def count(self, messages: Messages, tools: Tools | None) -> Count:
         v7 = self.version >= 7
         turns, system, last_user = _aggregate(messages, keep_system=v7)
@@ -218,6 +246,10 @@ class MistralFormat:
         return 3 + enc(_call_id(turn.tool_call_id)) + enc(turn.content)
 
 
+_V1_MESSAGE_EXTRA = len("[INST] " + " [/INST]") + len(JOIN) + 1  # and the dummy prefix of a split
+_V1_TOOLS_EXTRA = len("[AVAILABLE_TOOLS] " + " [/AVAILABLE_TOOLS]")
+
+
 class MistralV1Format:
     """Mistral v1 (Mistral-7B-Instruct-v0.1, Mixtral-8x7B-Instruct-v0.1): no native tool format.
 
@@ -235,6 +267,27 @@ class MistralV1Format:
         # The rendered text itself is kept here (it is encoded next to the user's turn): only
         # that of tool lists of a usual size.
         self._tools_json = ToolMemo(tools_json, size=256, keep=lambda text: len(text) <= 16_384)
+
+    def bound(self, messages: Messages, tools: Tools | None) -> int | None:
+        """At most what ``count`` gives, without the tokenizer; text messages only (as
+        ``MistralFormat.bound``). Each text is encoded inside ``[INST] `` and `` [/INST]`` (15
+        characters), perhaps after the system texts and JOIN; the tools block is its JSON
+        between ``[AVAILABLE_TOOLS] `` and `` [/AVAILABLE_TOOLS]`` (37 characters)."""
+        total = 1
+        for message in messages:
+            role = message.get("role")
+            content = message.get("content")
+            if (role != "user" and role != "assistant" and role != "system") or message.get("tool_calls"):
+                return None
+            if isinstance(content, str):
+                total += _V1_MESSAGE_EXTRA + text_bound(content)
+            elif content is None:
+                total += _V1_MESSAGE_EXTRA
+            else:
+                return None
+        if tools:
+            total += _V1_TOOLS_EXTRA + text_bound(self._tools_json(tools))
+        return total
 
     def count(self, messages: Messages, tools: Tools | None) -> Count:
         enc = self.encoder.count

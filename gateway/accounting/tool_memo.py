@@ -82,6 +82,11 @@ class ToolMemo(Generic[T]):
             self._memo.pop(next(iter(self._memo)), None)
         return value
 
+    def peek(self, tools: Tools) -> T | None:
+        """The remembered value, or None: never derives it."""
+        key = tools.key if type(tools) is KeyedTools else _key(tools)
+        return None if key is None else self._memo.get(key)
+
     def __len__(self) -> int:
         return len(self._memo)
 
