@@ -179,18 +179,7 @@ class LocalQuota:
         state.reserved_spend += demand.spend
         state.in_flight += 1
         state.requests.append(now)
-        rate = rate_windows_of(
-            limits,
-            now,
-            requests=len(state.requests),
-            first_request=state.requests[0],
-            minute_tokens=state.minute_tokens,
-            first_tokens=state.tokens[0][0] if state.tokens else None,
-            day_tokens=state.day_tokens,
-            month_tokens=state.month_tokens,
-            reserved_tokens=state.reserved_tokens,
-        )
-        return Reservation(key_id, demand, state.day, state.month, now, rate=rate)
+        return Reservation(key_id, demand, state.day, state.month, now, rate=_rate(state, limits, now))
 
     def shrink(self, reservation: Reservation, limits: Limits, demand: Demand, now: float) -> None:
         """Hold ``demand`` instead of the reservation's larger one (the exact count replacing a
@@ -205,17 +194,7 @@ class LocalQuota:
         state.reserved_spend -= held.spend - spend
         reservation.demand = Demand(tokens, spend)
         if reservation.rate is not None:
-            reservation.rate = rate_windows_of(
-                limits,
-                now,
-                requests=len(state.requests),
-                first_request=state.requests[0] if state.requests else None,
-                minute_tokens=state.minute_tokens,
-                first_tokens=state.tokens[0][0] if state.tokens else None,
-                day_tokens=state.day_tokens,
-                month_tokens=state.month_tokens,
-                reserved_tokens=state.reserved_tokens,
-            )
+            reservation.rate = _rate(state, limits, now)
 
     def settle(self, reservation: Reservation, tokens: int, spend: int, now: float) -> None:
         """Replace the reservation by what was used (0 and 0 releases it). Idempotent."""
@@ -262,6 +241,21 @@ class LocalQuota:
             sum(s.in_flight for s in self._keys.values()),
             sum(s.reserved_tokens for s in self._keys.values()),
         )
+
+
+def _rate(state: _KeyState, limits: Limits, now: float) -> RateWindows:
+    """The header windows of a key's state, as a reservation carries them."""
+    return rate_windows_of(
+        limits,
+        now,
+        requests=len(state.requests),
+        first_request=state.requests[0] if state.requests else None,
+        minute_tokens=state.minute_tokens,
+        first_tokens=state.tokens[0][0] if state.tokens else None,
+        day_tokens=state.day_tokens,
+        month_tokens=state.month_tokens,
+        reserved_tokens=state.reserved_tokens,
+    )
 
 
 def ledger_totals(db: Database, now: float) -> list[tuple[int, int, int, int]]:

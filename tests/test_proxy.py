@@ -532,3 +532,26 @@ def test_a_request_refused_beside_a_held_bound_is_decided_again_once_it_is_a_cou
         assert second.status_code == 200, second.text
         assert [r.status_code for r in results] == [200]
     assert len(backend.requests) == 3
+
+
+def test_a_dead_backend_releases_a_held_bound(
+    make_settings: Callable[..., Settings], backend: Backend
+) -> None:
+    """The backend fails while the request holds its bound (its count not in yet): the error
+    is OpenAI-shaped, the row settled, and the whole bound is free again."""
+    exact, bound = _seed_demand(40)
+    settings = make_settings()
+    key = _budget_key(settings, tokens_per_day=bound)
+    with TestClient(create_app(settings, transport=httpx.MockTransport(backend))) as client:
+        _load_tokenizer(client, settings)
+
+        def dead(request: httpx.Request) -> httpx.Response:
+            raise httpx.ConnectError("connection refused", request=request)
+
+        backend.handler = dead
+        error = _assert_error(_chat(client, key, tools=SEED_TOOLS, max_tokens=40), 502, "upstream_error")
+        assert error["code"] == "upstream_unreachable"
+        backend.handler = lambda r: httpx.Response(200, json=_completion())
+        resp = _chat(client, key, tools=SEED_TOOLS, max_tokens=40)
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["x-ratelimit-remaining-tokens"] == str(bound - exact)

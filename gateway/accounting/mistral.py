@@ -131,7 +131,26 @@ def _aggregate(messages: Messages, keep_system: bool) -> tuple[list[_Turn], str 
     return turns, (JOIN.join(system) if system else None), last_user
 
 
-_ROLES = ("user", "assistant", "tool", "system")  # compared by equality: a role may be any JSON value
+_ROLES = ("user", "assistant", "tool", "system")
+
+
+def _texts_bound(messages: Messages, extra: int, *, empty_assistant: bool) -> int | None:
+    """The bound of a text conversation's messages, ``extra`` tokens each besides the text; None
+    for tool calls and results, content parts, other roles, and (unless ``empty_assistant``) an
+    assistant message without content, which the format's count refuses."""
+    total = 0
+    for message in messages:
+        role = message.get("role")
+        content = message.get("content")
+        if (role != "user" and role != "assistant" and role != "system") or message.get("tool_calls"):
+            return None
+        if isinstance(content, str):
+            total += extra + text_bound(content)
+        elif content is None and (empty_assistant or role != "assistant"):
+            total += extra
+        else:
+            return None
+    return total  # compared by equality: a role may be any JSON value
 
 
 class MistralFormat:
@@ -162,18 +181,10 @@ class MistralFormat:
         Each user, system or assistant text is one segment or part of one (runs merged with
         JOIN, v2/v3 system texts moved before the last user text), between at most two
         control tokens; the tools block is its JSON between two."""
-        total = _PROMPT_EXTRA
-        for message in messages:
-            role = message.get("role")
-            content = message.get("content")
-            if (role != "user" and role != "assistant" and role != "system") or message.get("tool_calls"):
-                return None
-            if isinstance(content, str):
-                total += _MESSAGE_EXTRA + text_bound(content)
-            elif content is None and role != "assistant":
-                total += _MESSAGE_EXTRA
-            else:
-                return None  # content parts, or an assistant message count() refuses
+        texts = _texts_bound(messages, _MESSAGE_EXTRA, empty_assistant=False)
+        if texts is None:
+            return None
+        total = _PROMPT_EXTRA + texts
         if tools:
             block = self._tools_block.peek(tools)
             total += block if block is not None else 2 + text_bound(tools_json(tools))
@@ -273,18 +284,10 @@ class MistralV1Format:
         ``MistralFormat.bound``). Each text is encoded inside ``[INST] `` and `` [/INST]`` (15
         characters), perhaps after the system texts and JOIN; the tools block is its JSON
         between ``[AVAILABLE_TOOLS] `` and `` [/AVAILABLE_TOOLS]`` (37 characters)."""
-        total = 1
-        for message in messages:
-            role = message.get("role")
-            content = message.get("content")
-            if (role != "user" and role != "assistant" and role != "system") or message.get("tool_calls"):
-                return None
-            if isinstance(content, str):
-                total += _V1_MESSAGE_EXTRA + text_bound(content)
-            elif content is None:
-                total += _V1_MESSAGE_EXTRA
-            else:
-                return None
+        texts = _texts_bound(messages, _V1_MESSAGE_EXTRA, empty_assistant=True)
+        if texts is None:
+            return None
+        total = 1 + texts
         if tools:
             total += _V1_TOOLS_EXTRA + text_bound(self._tools_json(tools))
         return total
