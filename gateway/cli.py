@@ -461,8 +461,10 @@ def _serve(args: argparse.Namespace) -> int:
     if demo:
         port = _start_emulator_thread(settings.emulator_latency)
         settings = dataclasses.replace(settings, upstream_url=f"http://127.0.0.1:{port}/v1/openai")
-        _print_demo(settings)
+    # Built before the demo's key is rotated and shown: a configuration error stops here.
     app = GcPolicy(create_app(settings), threshold=settings.gc_threshold, freeze=settings.gc_freeze)
+    if demo:
+        _print_demo(settings)
     uvicorn.run(
         app,
         host=settings.host,

@@ -94,6 +94,10 @@ class Settings:
     # A registry model whose tokenizer counts models the registry does not know (as estimates).
     # Unset: count_tokens refuses unknown models, and their proxied tool tokens stay unknown.
     fallback_model: str | None = None
+    # Models whose tokenizers load before the gateway listens (comma-separated, as clients name
+    # them; "*": every registered model), not on each model's first request. Each tokenizer
+    # costs memory (all of the shipped ones: about 175 MB).
+    preload_models: str = ""
     # The backend refuses `stream: true` with tools (the seed's backend does): the gateway asks it
     # without streaming and streams the answer back in OpenAI's chunk format. Off: pass through.
     emulate_tool_streams: bool = True

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
+from typing import Any
 
 import pytest
 
 from gateway.cli import main
+from tests.conftest import SEED_MODEL
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -154,3 +157,43 @@ def test_usage_table_json_and_csv(capsys: pytest.CaptureFixture[str], db_path: s
     assert out.splitlines()[0].startswith("start_time,end_time,model,key,") and ",acme," in out
     code, _, err = run(capsys, "usage", "--key", "nobody", "--db", db_path)
     assert code == 1 and "no key" in err
+
+
+def _serve_without_listening(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """``gateway serve`` up to the server's start: the application it would serve, or nothing."""
+    import uvicorn
+
+    served: list[Any] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.append(app))
+    return served
+
+
+def test_serve_preloads_the_named_models_and_says_so(
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    db_path: str,
+) -> None:
+    served = _serve_without_listening(monkeypatch)
+    monkeypatch.setenv("GATEWAY_PRELOAD_MODELS", f" {SEED_MODEL} , gpt-4")
+    caplog.set_level(logging.INFO, logger="gateway")
+    code, _, _ = run(capsys, "serve", "--upstream", "http://127.0.0.1:9/v1/openai", "--db", db_path)
+    assert code == 0 and len(served) == 1
+    loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("preloaded")]
+    assert [m.split(" in ")[0] for m in loaded] == [
+        f"preloaded the tokenizer of {SEED_MODEL}",
+        "preloaded the tokenizer of gpt-4",
+    ]
+
+
+def test_serve_refuses_to_preload_a_model_the_registry_does_not_know(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, db_path: str
+) -> None:
+    served = _serve_without_listening(monkeypatch)
+    monkeypatch.setenv("GATEWAY_PRELOAD_MODELS", "acme/no-such-model")
+    code, _, err = run(capsys, "serve", "--upstream", "http://127.0.0.1:9/v1/openai", "--db", db_path)
+    assert code == 2 and not served and "Traceback" not in err
+    assert err.strip() == (
+        "gateway: configuration error: setting 'preload_models': "
+        "model 'acme/no-such-model' is not in the model registry"
+    )

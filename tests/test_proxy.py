@@ -428,20 +428,14 @@ def _seed_demand(max_tokens: int) -> tuple[int, int]:
     return counted + max_tokens, bound + max_tokens
 
 
-def test_a_budgeted_request_is_counted_beside_the_backend_and_holds_its_count(
-    make_settings: Callable[..., Settings],
-    backend: Backend,
-    db_path: str,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """With a budget, the request goes out holding a bound; the count runs while the backend
-    works, and replaces the bound before the answer: the rate headers and the ledger's hold
-    are the count's, as if it had been counted first."""
+def _when_counted(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[int]]:
+    """Record, for each count, whether the backend had the request by then: (the records, and
+    a cell to set to the number of requests the backend had before the one to watch)."""
     from gateway.proxy import Proxy
 
     events: list[str] = []
     count = Proxy._count
-    sent = [0]  # requests the backend had before this one
+    sent = [0]
 
     async def recorded(self: Proxy, *args: Any) -> Any:
         for _ in range(100):  # counted first, the request cannot reach the backend meanwhile
@@ -454,6 +448,19 @@ def test_a_budgeted_request_is_counted_beside_the_backend_and_holds_its_count(
         return await count(self, *args)
 
     monkeypatch.setattr(Proxy, "_count", recorded)
+    return events, sent
+
+
+def test_a_budgeted_request_is_counted_beside_the_backend_and_holds_its_count(
+    make_settings: Callable[..., Settings],
+    backend: Backend,
+    db_path: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a budget, the request goes out holding a bound; the count runs while the backend
+    works, and replaces the bound before the answer: the rate headers and the ledger's hold
+    are the count's, as if it had been counted first."""
+    events, sent = _when_counted(backend, monkeypatch)
     settings = make_settings()
     key = _budget_key(settings, tokens_per_day=100_000)
     exact, _ = _seed_demand(40)
@@ -468,6 +475,33 @@ def test_a_budgeted_request_is_counted_beside_the_backend_and_holds_its_count(
         assert resp.headers["x-ratelimit-remaining-tokens"] == str(100_000 - exact)
     rows = [r for r in settled_rows(db_path) if r["reserved_tokens"] is not None]
     assert [r["reserved_tokens"] for r in rows] == [exact]
+
+
+@pytest.mark.parametrize(
+    ("preload", "first"),
+    [
+        ("", "counted first"),
+        (SEED_MODEL, "counted after the backend had it"),
+        ("*", "counted after the backend had it"),
+    ],
+)
+def test_a_preloaded_model_is_forwarded_on_a_bound_from_its_first_request(
+    make_settings: Callable[..., Settings],
+    backend: Backend,
+    monkeypatch: pytest.MonkeyPatch,
+    preload: str,
+    first: str,
+) -> None:
+    """Tokenizers load on a model's first request unless ``preload_models`` names the model:
+    then that request needs no load, and goes out on its bound like every later one."""
+    events, sent = _when_counted(backend, monkeypatch)
+    settings = make_settings(preload_models=preload)
+    key = _budget_key(settings, tokens_per_day=100_000)
+    with TestClient(create_app(settings, transport=httpx.MockTransport(backend))) as client:
+        for _ in range(2):
+            sent[0] = len(backend.requests)
+            assert _chat(client, key, tools=SEED_TOOLS, max_tokens=40).status_code == 200
+    assert events == [first, "counted after the backend had it"]
 
 
 def test_a_key_too_near_its_budget_for_the_bound_is_decided_on_the_count(

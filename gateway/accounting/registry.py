@@ -11,6 +11,7 @@ import fnmatch
 import sys
 import threading
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,10 +153,26 @@ class Registry:
     def models(self) -> list[str]:
         return [e.match for e in self._entries]
 
-    def warm(self) -> None:
-        """Load every tokenizer that a registered model uses (at start, off the event loop)."""
-        for index, entry in enumerate(self._entries):
-            self._profile(index, entry)
+    def knows(self, model: str) -> bool:
+        """Whether an entry matches ``model`` (without loading its tokenizer)."""
+        return self._index(model) is not None
+
+    def warm(self, models: Iterable[str] | None = None) -> list[str]:
+        """Load the tokenizers of ``models`` (every registered model's when None), so that
+        their first requests count at once. Returns the entries built (their ids or patterns)."""
+        indexes: list[int] = []
+        for model in self.models() if models is None else models:
+            index = self._index(model)
+            if index is None:
+                raise RegistryError(f"model {model!r} is not in the model registry")
+            indexes.append(index)
+        built = []
+        for index in dict.fromkeys(indexes):
+            entry = self._entries[index]
+            if index not in self._profiles:
+                self._profile(index, entry)
+                built.append(entry.match)
+        return built
 
     def _profile(self, index: int, entry: _Entry) -> ModelProfile:
         profile = self._profiles.get(index)

@@ -37,6 +37,23 @@ def test_every_required_model_has_a_profile_that_counts() -> None:
     assert registry.profile("nobody/unknown") is None
 
 
+def test_warm_builds_the_named_models_profiles_once_and_refuses_unknown_ones() -> None:
+    registry = Registry.load()
+    llama = "meta-llama/Meta-Llama-3.1-8B-Instruct"  # matched by a pattern entry
+    assert not registry.ready(llama) and registry.knows(llama) and not registry.knows("nobody/unknown")
+    assert registry.warm([llama, "meta-llama/Meta-Llama-3.1-70B-Instruct"]) == [
+        "meta-llama/Meta-Llama-3.1-*-Instruct"
+    ]
+    assert registry.ready(llama) and not registry.ready("gpt-4")
+    assert registry.warm([llama]) == []  # built already
+    with pytest.raises(RegistryError, match="'nobody/unknown' is not in the model registry"):
+        registry.warm(["gpt-4", "nobody/unknown"])
+    assert not registry.ready("gpt-4")  # every name is checked before any is loaded
+    everything = registry.warm()
+    assert len(everything) == len(registry.models()) - 1  # all but the llama pattern
+    assert all(registry.ready(m) for m in REQUIRED_DEFAULTS)
+
+
 def test_operator_adds_a_model_with_a_file_path_and_a_builtin_format(tmp_path: Path) -> None:
     source = resolve_file("mistral_common:data/mistral_instruct_tokenizer_240323.model.v3")
     (tmp_path / "my.model").write_bytes(source.read_bytes())
