@@ -15,8 +15,9 @@ What it does:
   first-out, and dropped after ``keepalive_expiry`` seconds.
 - At most ``max_connections`` are open. Beyond that a request waits for one, up to the pool
   timeout.
-- Timeouts as httpx's: connect, pool, and read (no byte from the backend for that long, while
-  the gateway is waiting for one).
+- Timeouts as httpx's: connect, pool, read (no byte from the backend for that long, while the
+  gateway is waiting for one), and write (the backend takes none of the request's unsent bytes
+  for that long: the kernel's buffers are full).
 - Failures are httpx's exceptions. ``ConnectError`` and ``ConnectTimeout`` are raised only when
   nothing was sent: the proxy retries only those.
 - Answers are framed by their length, chunked, or by the connection's end. Interim ``1xx``
@@ -308,6 +309,28 @@ class _Answer:
             self._conn._fail(httpx.ReadError("The answer was closed before its end."))
 
 
+def _watch_write(conn: _Connection, answer: _Answer, within: float, unsent: int) -> None:
+    """Fail the exchange if the backend takes none of the request's ``unsent`` bytes for
+    ``within`` seconds. The connection is aborted: closing it would wait for those bytes."""
+
+    def check() -> None:
+        nonlocal unsent
+        transport = conn.transport
+        if answer.done or conn.answer is not answer or transport is None or transport.is_closing():
+            return
+        left = transport.get_write_buffer_size()
+        if not left:
+            return
+        if left < unsent:  # it is taking them, slowly
+            unsent = left
+            answer.loop.call_later(within, check)
+            return
+        conn._fail(httpx.WriteTimeout(f"The backend took no byte of the request in {within:g} s."))
+        transport.abort()
+
+    answer.loop.call_later(within, check)
+
+
 class _RawBody(httpx.AsyncByteStream):
     def __init__(self, answer: _Answer) -> None:
         self._answer = answer
@@ -381,6 +404,9 @@ class Http1Transport(httpx.AsyncBaseTransport):
             parts.append(body)
         assert conn.transport is not None
         conn.transport.write(b"".join(parts))
+        unsent = conn.transport.get_write_buffer_size()
+        if unsent and timeouts.get("write") is not None:
+            _watch_write(conn, answer, timeouts["write"], unsent)
         try:
             await answer.head()
         except BaseException:

@@ -66,6 +66,7 @@ class Settings:
     connect_timeout: float = 5.0
     # LLM answers are slow: a long read timeout, but never an unbounded one.
     read_timeout: float = 600.0
+    # How long the backend may take none of a request body still being sent (its buffers full).
     write_timeout: float = 60.0
     pool_timeout: float = 30.0
     max_connections: int = 512

@@ -16,6 +16,7 @@ proxy maps to its errors.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, NoReturn, Protocol
@@ -37,6 +38,9 @@ __all__ = [
 ]
 
 RawHeaders = Sequence[tuple[bytes, bytes]]
+# Bodies above this go to aiohttp in pieces of this size, each under the write timeout (smaller
+# ones fit the kernel's buffers at once: they cannot stall before the read timeout starts).
+_WATCHED_BODY = 1 << 16
 
 
 class BackendResponse(Protocol):
@@ -361,6 +365,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         """aiohttp's response to the request (``body``: bytes, an async stream, or None)."""
         if self._session is None:
             self._session = self._open()
+        write = timeouts.get("write")
+        if isinstance(body, bytes) and len(body) > _WATCHED_BODY and write is not None:
+            return await self._request_watched(method, url, headers, body, timeouts, write)
         try:
             return await self._session._request(
                 method,
@@ -373,6 +380,31 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             )
         except Exception as exc:
             _raise_as_httpx(exc)
+
+    async def _request_watched(
+        self, method: str, url: Any, headers: RawHeaders, body: bytes, timeouts: dict[str, Any], write: float
+    ) -> Any:
+        """``_request`` with httpx's write timeout, which aiohttp lacks: its read timeout starts
+        once the body is written, so a backend that stops taking a body too big for the kernel's
+        buffers would hold the request for good. The body goes in pieces; each must be taken
+        within ``write`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = asyncio.timeout(None)
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for start in range(0, len(body), _WATCHED_BODY):
+                deadline.reschedule(loop.time() + write)
+                yield body[start : start + _WATCHED_BODY]
+            deadline.reschedule(None)  # all taken: the read timeout governs the answer
+
+        framed = [*headers, (b"content-length", b"%d" % len(body))]
+        try:
+            async with deadline:
+                return await self._request(method, url, framed, pieces(), timeouts)
+        except (TimeoutError, httpx.HTTPError) as exc:
+            if deadline.expired():
+                raise httpx.WriteTimeout(f"The backend took none of the request for {write:g} s.") from exc
+            raise
 
     def _open(self) -> Any:
         import aiohttp

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -34,8 +37,9 @@ def make_settings(
     return make
 
 
-def _key(settings: Settings) -> str:
-    return KeyStore(open_db(settings.db), load_key_secret(settings)).create("acme", limits=LIMITS)[1]
+def _key(settings: Settings, **limits: int) -> str:
+    store = KeyStore(open_db(settings.db), load_key_secret(settings))
+    return store.create("acme", limits={**LIMITS, **limits})[1]
 
 
 def _settled(db_path: str, n: int = 1, timeout: float = 10) -> list[dict[str, Any]]:
@@ -90,6 +94,57 @@ def test_slow_backend_is_504_recorded_and_released(
             assert time.monotonic() - t0 < 2.5
             assert _outstanding(gateway, key) == (0, 0)
     assert resp.status_code == 504 and resp.json()["error"]["code"] == "upstream_timeout"
+    (row,) = _settled(db_path)
+    assert row["status"] == 504
+
+
+@contextlib.contextmanager
+def _backend_that_stops_reading() -> Iterator[str]:
+    """A backend that accepts a connection and reads nothing from it: its URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                accepted.append(listener.accept()[0])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1/openai"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in accepted:
+            conn.close()
+        listener.close()
+
+
+def test_backend_that_stops_reading_the_request_is_504_recorded_and_released(
+    make_settings: Callable[..., Settings], db_path: str
+) -> None:
+    """The request is bigger than the kernel's buffers and the backend takes none of it: the
+    write timeout ends the wait, on every transport."""
+    with _backend_that_stops_reading() as url:
+        settings = make_settings(upstream_url=url, write_timeout=0.3, read_timeout=2, max_body_bytes=32 << 20)
+        key = _key(settings, tokens_per_day=10**9)
+        long_text = "word " * (12 << 18)  # 12 MB
+        with ServerThread(create_app(settings)) as gateway:
+            t0 = time.monotonic()
+            resp = httpx.post(
+                gateway.url + "/v1/chat/completions",
+                # A model without a tokenizer: no count of 12 MB competes with the wait.
+                json={"model": "acme/unknown", "messages": [{"role": "user", "content": long_text}]},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=30,
+            )
+            waited = time.monotonic() - t0
+            assert _outstanding(gateway, key) == (0, 0)
+    assert resp.status_code == 504 and resp.json()["error"]["code"] == "upstream_timeout"
+    assert waited < 1.8  # the write timeout, not the read timeout (2 s)
     (row,) = _settled(db_path)
     assert row["status"] == 504
 

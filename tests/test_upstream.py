@@ -38,6 +38,11 @@ async def _with_server(handler: Handler, body: Callable[[str], Awaitable[None]])
         server.close()
 
 
+# More than the kernel's buffers hold between two loopback sockets (4 MB for the sender's at
+# most, here): a backend that stops reading leaves most of it unsent.
+HUGE = b"x" * (12 << 20)
+
+
 def _recording(seen: list[tuple[bytes, bytes]]) -> Handler:
     """A backend that keeps each request (head, body) and answers 201 with a repeated header."""
 
@@ -317,3 +322,57 @@ def test_send_to_a_backend_that_hangs_up_is_never_a_connect_error(
         assert not isinstance(exc.value, httpx.ConnectError)
 
     asyncio.run(_with_server(_hanging_up(when), body))
+
+
+def test_send_to_a_backend_that_stops_taking_the_request_is_a_write_timeout(
+    upstream: Callable[[], Any],
+) -> None:
+    """The backend takes none of a body too big for the kernel's buffers: the write timeout
+    ends the wait (aiohttp has none of its own; its read timeout starts after the body)."""
+
+    async def stalled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(30)
+
+    async def body(url: str) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(httpx.WriteTimeout):
+            async with _opened(upstream) as backend, asyncio.timeout(5):  # without one: forever
+                await backend.send("POST", url, [], HUGE, {**_TIMEOUTS, "write": 0.3, "read": 10.0})
+        assert loop.time() - started < 3
+
+    asyncio.run(_with_server(stalled, body))
+
+
+def test_send_of_a_body_taken_slowly_arrives_whole_framed_by_its_length(upstream: Callable[[], Any]) -> None:
+    """The write timeout bounds a stall, not the whole body (the backend takes a megabyte every
+    50 ms, longer than the write timeout in all), nor the wait for the answer."""
+    heads: list[bytes] = []
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        heads.append(head)
+        left = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        taken = b""
+        while left:
+            await asyncio.sleep(0.05)
+            chunk = await reader.readexactly(min(left, 1 << 20))
+            taken, left = taken + chunk, left - len(chunk)
+        ok = b"ok" if taken == HUGE else b"no"
+        await asyncio.sleep(0.8)  # the answer takes longer than the write timeout: not its business
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n" + ok)
+        await writer.drain()
+
+    async def body(url: str) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with _opened(upstream) as backend:
+            answer = await backend.send("POST", url, [], HUGE, {**_TIMEOUTS, "write": 0.5, "read": 10.0})
+            assert await answer.aread() == b"ok"
+            await answer.aclose()
+        assert loop.time() - started > 0.5
+
+    asyncio.run(_with_server(slow, body))
+    (head,) = heads
+    assert b"transfer-encoding" not in head.lower()
