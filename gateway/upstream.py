@@ -41,6 +41,7 @@ RawHeaders = Sequence[tuple[bytes, bytes]]
 # Bodies above this go to aiohttp in pieces of this size, each under the write timeout (smaller
 # ones fit the kernel's buffers at once: they cannot stall before the read timeout starts).
 _WATCHED_BODY = 1 << 16
+_FRAMING = (b"content-length", b"transfer-encoding")
 
 
 class BackendResponse(Protocol):
@@ -391,13 +392,19 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         loop = asyncio.get_running_loop()
         deadline = asyncio.timeout(None)
 
+        def arm(when: float | None) -> None:
+            # An answer that comes before the whole body was taken ends the watch.
+            with contextlib.suppress(RuntimeError):
+                deadline.reschedule(when)
+
         async def pieces() -> AsyncIterator[bytes]:
             for start in range(0, len(body), _WATCHED_BODY):
-                deadline.reschedule(loop.time() + write)
+                arm(loop.time() + write)
                 yield body[start : start + _WATCHED_BODY]
-            deadline.reschedule(None)  # all taken: the read timeout governs the answer
+            arm(None)  # all taken: the read timeout governs the answer
 
-        framed = [*headers, (b"content-length", b"%d" % len(body))]
+        framed = [(k, v) for k, v in headers if k.lower() not in _FRAMING]
+        framed.append((b"content-length", b"%d" % len(body)))  # a stream would go chunked
         try:
             async with deadline:
                 return await self._request(method, url, framed, pieces(), timeouts)
