@@ -452,8 +452,9 @@ class Proxy:
                         code="upstream_unreachable",
                     ) from exc
             except httpx.TimeoutException as exc:
+                what = "take the request" if isinstance(exc, httpx.WriteTimeout) else "answer"
                 raise UpstreamTimeout(
-                    f"The backend did not answer in time ({type(exc).__name__}).", code="upstream_timeout"
+                    f"The backend did not {what} in time ({type(exc).__name__}).", code="upstream_timeout"
                 ) from exc
             except httpx.HTTPError as exc:
                 raise UpstreamError(

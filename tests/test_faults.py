@@ -145,8 +145,10 @@ def test_backend_that_stops_reading_the_request_is_504_recorded_and_released(
             assert _outstanding(gateway, key) == (0, 0)
     assert resp.status_code == 504 and resp.json()["error"]["code"] == "upstream_timeout"
     assert waited < 1.8  # the write timeout, not the read timeout (2 s)
+    message = "The backend did not take the request in time (WriteTimeout)."
+    assert resp.json()["error"]["message"] == message
     (row,) = _settled(db_path)
-    assert row["status"] == 504
+    assert (row["status"], row["error"]) == (504, message)
 
 
 def test_malformed_backend_answer_is_502(
