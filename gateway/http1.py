@@ -178,6 +178,7 @@ class _Answer:
         "_streaming",
         "_timer",
         "_waiter",
+        "_write_timer",
         "done",
         "head_done",
         "last_data",
@@ -203,6 +204,7 @@ class _Answer:
         self._decoded: httpx.Response | None = None
         self._read = read
         self._timer = None if read is None else loop.call_at(self.last_data + read, self._check_read)
+        self._write_timer: asyncio.TimerHandle | None = None  # see _watch_write
 
     @property
     def is_success(self) -> bool:
@@ -256,6 +258,9 @@ class _Answer:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
 
     async def _more(self) -> None:
         waiter = self._waiter = self.loop.create_future()
@@ -315,6 +320,7 @@ def _watch_write(conn: _Connection, answer: _Answer, within: float, unsent: int)
 
     def check() -> None:
         nonlocal unsent
+        answer._write_timer = None
         transport = conn.transport
         if answer.done or conn.answer is not answer or transport is None or transport.is_closing():
             return
@@ -323,12 +329,13 @@ def _watch_write(conn: _Connection, answer: _Answer, within: float, unsent: int)
             return
         if left < unsent:  # it is taking them, slowly
             unsent = left
-            answer.loop.call_later(within, check)
+            answer._write_timer = answer.loop.call_later(within, check)
             return
         conn._fail(httpx.WriteTimeout(f"The backend took no byte of the request in {within:g} s."))
         transport.abort()
 
-    answer.loop.call_later(within, check)
+    # Kept on the answer, which cancels it when it ends: no timer outlives its request.
+    answer._write_timer = answer.loop.call_later(within, check)
 
 
 class _RawBody(httpx.AsyncByteStream):

@@ -241,6 +241,27 @@ def test_a_write_timeout_drops_the_connection_with_what_was_unsent() -> None:
     asyncio.run(_with_server(handler, body))
 
 
+def test_the_write_watch_ends_with_its_answer() -> None:
+    """A body the backend takes after a while is watched; once the answer is in, the watch's
+    timer is gone (a timer per request, living for the write timeout, would pile up)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.2)
+        await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async def body(url: str) -> None:
+        async with _pool() as client:
+            answer = await client.send("POST", url, [], HUGE, {**_TIMEOUTS, "write": 60.0})
+            assert await answer.aread() == b"ok"
+            assert answer._write_timer is None
+            await answer.aclose()
+
+    asyncio.run(_with_server(handler, body))
+
+
 def test_an_interim_answer_is_skipped() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _read_request(reader)
