@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, NoReturn, Protocol
 
@@ -42,6 +43,9 @@ RawHeaders = Sequence[tuple[bytes, bytes]]
 # ones fit the kernel's buffers at once: they cannot stall before the read timeout starts).
 _WATCHED_BODY = 1 << 16
 _FRAMING = (b"content-length", b"transfer-encoding")
+# The transports a watched request's body is written on (aiohttp writes it in a task of its own,
+# which inherits this): the watch aborts them when it expires.
+_WATCHED: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("watched", default=None)
 
 
 class BackendResponse(Protocol):
@@ -405,21 +409,38 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
         framed = [(k, v) for k, v in headers if k.lower() not in _FRAMING]
         framed.append((b"content-length", b"%d" % len(body)))  # a stream would go chunked
+        written_on: list[Any] = []
+        token = _WATCHED.set(written_on)
         try:
             async with deadline:
                 return await self._request(method, url, framed, pieces(), timeouts)
         except (TimeoutError, httpx.HTTPError) as exc:
             if deadline.expired():
+                # aiohttp closes the connection, and closing waits to send what is unsent, for
+                # as long as the backend stalls: drop it.
+                for transport in written_on:
+                    transport.abort()
                 raise httpx.WriteTimeout(f"The backend took none of the request for {write:g} s.") from exc
             raise
+        finally:
+            _WATCHED.reset(token)
 
     def _open(self) -> Any:
         import aiohttp
 
         connector = aiohttp.TCPConnector(limit=self._limit, keepalive_timeout=self._keepalive)
+
+        class Request(aiohttp.ClientRequest):
+            async def write_bytes(self, writer: Any, conn: Any, *args: Any, **kwargs: Any) -> None:
+                watched = _WATCHED.get()
+                if watched is not None and conn.transport is not None:
+                    watched.append(conn.transport)
+                await super().write_bytes(writer, conn, *args, **kwargs)
+
         # No cookies, no decompression, no redirects, no environment proxies: a transparent pipe.
         return aiohttp.ClientSession(
             connector=connector,
+            request_class=Request,
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),

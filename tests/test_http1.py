@@ -211,36 +211,6 @@ def test_every_framing_of_an_answer_is_read_whole(wire: bytes) -> None:
     asyncio.run(_with_server(handler, body))
 
 
-def test_a_write_timeout_drops_the_connection_with_what_was_unsent() -> None:
-    """Closing the connection would wait to send the rest first, for as long as the backend
-    stalls: it is aborted instead, and never goes back to the pool."""
-    gave_up = asyncio.Event()
-    received: list[int] = []
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        await gave_up.wait()  # reads nothing meanwhile: the request's bytes pile up
-        taken = 0
-        with contextlib.suppress(ConnectionError):
-            while chunk := await reader.read(1 << 20):
-                taken += len(chunk)
-        received.append(taken)
-
-    async def body(url: str) -> None:
-        async with _pool() as client:
-            with pytest.raises(httpx.WriteTimeout):
-                await _send(client, url, HUGE, write=0.3, read=10.0)
-            assert client._open == 0
-            gave_up.set()
-            for _ in range(200):
-                if received:
-                    break
-                await asyncio.sleep(0.01)
-            assert received and received[0] < len(HUGE)
-
-    asyncio.run(_with_server(handler, body))
-
-
 def test_the_write_watch_ends_with_its_answer() -> None:
     """A body the backend takes after a while is watched; once the answer is in, the watch's
     timer is gone (a timer per request, living for the write timeout, would pile up)."""

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -362,6 +365,40 @@ def test_send_to_a_backend_that_stops_taking_the_request_is_a_write_timeout(
         assert loop.time() - started < 3
 
     asyncio.run(_with_server(stalled, body))
+
+
+_STALLED_BACKEND = """
+import socket, sys
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+held = []
+while True:
+    held.append(listener.accept()[0])  # and never read
+"""
+
+
+def test_a_write_timeout_leaves_no_connection_open(upstream: Callable[[], Any]) -> None:
+    """Closing a connection waits to send what is unsent, for as long as the backend stalls:
+    after a write timeout the connection must be gone, not left flushing. The backend runs in
+    a process of its own, so that the descriptors counted are the client's."""
+    backend = subprocess.Popen([sys.executable, "-c", _STALLED_BACKEND], stdout=subprocess.PIPE, text=True)
+    try:
+        assert backend.stdout is not None
+        url = f"http://127.0.0.1:{backend.stdout.readline().strip()}/v1/x"
+
+        async def run() -> None:
+            async with _opened(upstream) as client:
+                open_before = len(os.listdir("/proc/self/fd"))
+                for _ in range(3):
+                    with pytest.raises(httpx.WriteTimeout):
+                        await client.send("POST", url, [], HUGE, {**_TIMEOUTS, "write": 0.2})
+                await asyncio.sleep(0.2)
+                assert len(os.listdir("/proc/self/fd")) <= open_before
+
+        asyncio.run(run())
+    finally:
+        backend.kill()
+        backend.wait()
 
 
 def test_send_of_a_body_taken_slowly_arrives_whole_framed_by_its_length(upstream: Callable[[], Any]) -> None:
