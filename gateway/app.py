@@ -231,6 +231,9 @@ def _preload(models: Registry, setting: str) -> None:
     names = [name.strip() for name in setting.split(",") if name.strip()]
     if "*" in names:
         names = models.models()
+    unknown = [name for name in names if not models.knows(name)]
+    if unknown:  # before any load: a typo is reported at once, not after seconds of loading
+        raise ConfigError(f"setting 'preload_models': model {unknown[0]!r} is not in the model registry")
     for name in names:
         started = time.perf_counter()
         try:

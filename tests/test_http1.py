@@ -35,9 +35,13 @@ def _loop(request: pytest.FixtureRequest) -> Iterator[None]:
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-def _serving(answer: Callable[[bytes, bytes], bytes], connections: list[int]) -> Handler:
-    """A keep-alive backend: answers each request on a connection with ``answer(head, body)``;
-    ``connections`` counts the connections it accepted."""
+def _serving(
+    answer: Callable[[bytes, bytes], bytes],
+    connections: list[int],
+    before: Callable[[bytes], Awaitable[None]] | None = None,
+) -> Handler:
+    """A keep-alive backend: answers each request on a connection with ``answer(head, body)``,
+    once ``before(body)`` is done; ``connections`` counts the connections it accepted."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connections.append(1)
@@ -46,6 +50,8 @@ def _serving(answer: Callable[[bytes, bytes], bytes], connections: list[int]) ->
                 head, body = await _read_request(reader)
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
+            if before is not None:
+                await before(body)
             writer.write(answer(head, body))
             await writer.drain()
 
@@ -158,17 +164,9 @@ def test_beyond_max_connections_a_request_waits_for_one_up_to_the_pool_timeout()
     gate = asyncio.Event()
     connections: list[int] = []
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connections.append(1)
-        while True:
-            try:
-                _, body = await _read_request(reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
-            if body == b"hold":
-                await gate.wait()
-            writer.write(_echo(b"", body))
-            await writer.drain()
+    async def held(body: bytes) -> None:
+        if body == b"hold":
+            await gate.wait()
 
     async def body(url: str) -> None:
         async with _pool(max_connections=1) as client:
@@ -185,7 +183,7 @@ def test_beyond_max_connections_a_request_waits_for_one_up_to_the_pool_timeout()
             assert await waiting == b"after"  # the freed connection went to the waiting request
             assert leaving.cancelled()
 
-    asyncio.run(_with_server(handler, body))
+    asyncio.run(_with_server(_serving(_echo, connections, held), body))
     assert len(connections) == 1
 
 
@@ -216,9 +214,8 @@ def test_the_write_watch_ends_with_its_answer() -> None:
     timer is gone (a timer per request, living for the write timeout, would pile up)."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        await asyncio.sleep(0.2)
-        await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+        await asyncio.sleep(0.2)  # meanwhile the body piles up unsent
+        await _read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
         await writer.drain()
 
