@@ -105,9 +105,9 @@ class Proxy:
         self.api_key = upstream_api_key
         self.max_body_bytes = max_body_bytes
         self._urls: dict[RouteSpec, Any] = {}
-        # A store that can trade a held bound for the count later (LocalQuota, synchronously)
-        # lets a budgeted request be counted beside the backend's work; others count first.
-        self._shrink: Callable[[Reservation, Limits, Demand, float], None] | None = getattr(
+        # A store that can trade a held bound for the count later lets a budgeted request be
+        # counted beside the backend's work; others count first.
+        self._shrink: Callable[[Reservation, Limits, Demand, float], Awaitable[None]] | None = getattr(
             quota, "shrink", None
         )
         self._holds: dict[int, set[asyncio.Future[None]]] = {}  # key id -> bounds held while counting
@@ -217,7 +217,7 @@ class Proxy:
         hold: asyncio.Future[None] | None = None
         if limits.any:
             now = time.time()
-            result = await self.quota.reserve(principal.key_id, limits, demand, now)
+            result = await self.quota.reserve(principal.key_id, limits, demand, now, bound=bound is not None)
             if isinstance(result, Rejection) and bound is not None and to_count is not None:
                 # The bound does not fit: decide on the count, exactly as without a bound.
                 assert price is not None
@@ -226,16 +226,8 @@ class Proxy:
                 to_count, bound = None, None
                 demand = _demand(counted, len(raw_body), max_out, price)
                 result = await self.quota.reserve(principal.key_id, limits, demand, now)
-            if (
-                isinstance(result, Rejection)
-                and result.limit in _HELD_LIMITS
-                and self._holds.get(principal.key_id)
-            ):
-                # Requests of this key hold bounds while they count: decide once they hold counts,
-                # so a bound never refuses what the counts would admit.
-                await asyncio.wait(list(self._holds[principal.key_id]), timeout=HOLD_WAIT)
-                now = time.time()
-                result = await self.quota.reserve(principal.key_id, limits, demand, now)
+            if isinstance(result, Rejection) and result.limit in _HELD_LIMITS:
+                result, now = await self._beside_bounds(principal.key_id, limits, demand, result, now)
             if isinstance(result, Rejection):
                 if principal.version is not None and principal.version != self.config_version():
                     # Refused under limits or prices that changed since: decide again, afresh.
@@ -353,6 +345,32 @@ class Proxy:
                 error=backend_error,
             )
 
+    async def _beside_bounds(
+        self, key_id: int, limits: Limits, demand: Demand, refused: Rejection, now: float
+    ) -> tuple[Reservation | Rejection, float]:
+        """A refusal beside bounds that requests of this key hold while they count is decided
+        again once they hold counts: a bound never refuses what counting first would admit.
+        This process's bounds are awaited; other replicas' (a shared store reports them) are
+        polled, as their counts are milliseconds away. Gives up after HOLD_WAIT."""
+        result: Reservation | Rejection = refused
+        deadline = time.monotonic() + HOLD_WAIT
+        holds = self._holds.get(key_id)
+        if holds:
+            await asyncio.wait(list(holds), timeout=HOLD_WAIT)
+            now = time.time()
+            result = await self.quota.reserve(key_id, limits, demand, now)
+        delay = 0.002
+        while (
+            isinstance(result, Rejection)
+            and result.bounds_held > len(self._holds.get(key_id, ()))
+            and time.monotonic() + delay < deadline
+        ):
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.05)
+            now = time.time()
+            result = await self.quota.reserve(key_id, limits, demand, now)
+        return result, now
+
     def _hold(self, key_id: int) -> asyncio.Future[None]:
         """Mark a bound held for ``key_id`` until its count replaces it (or the request ends)."""
         hold: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -379,8 +397,10 @@ class Proxy:
         """The count, and the reservation's bound traded for the demand the count gives."""
         counted = await self._count(*to_count)
         assert self._shrink is not None
-        self._shrink(reservation, limits, exact(counted), time.time())
-        self._release(reservation.key_id, hold)
+        try:
+            await self._shrink(reservation, limits, exact(counted), time.time())
+        finally:
+            self._release(reservation.key_id, hold)
         return counted
 
     async def _count(self, model: str, messages: Any, tools: Any, size: int) -> Accounting | None:

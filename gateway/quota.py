@@ -85,16 +85,22 @@ class Rejection:
     limit: str  # which limit, e.g. tokens_per_day
     message: str
     retry_after: int | None  # seconds; None when waiting cannot help
+    # Bounds that requests of this key held (on any replica) while counting, where counts in
+    # their place could have let this request fit; 0 where they cannot matter (a shared store's
+    # answer: in one process the proxy knows its own).
+    bounds_held: int = 0
 
 
 class QuotaStore(Protocol):
-    """A store may also have ``shrink(reservation, limits, demand, now)``, synchronous: it trades
-    a held bound for a smaller demand (LocalQuota). The proxy then counts beside the backend."""
+    """A store may also have ``async shrink(reservation, limits, demand, now)``: it trades a held
+    bound for a smaller demand (the count's). The proxy then forwards a budgeted request on a
+    bound and counts it beside the backend, instead of counting first."""
 
     async def reserve(
-        self, key_id: int, limits: Limits, demand: Demand, now: float
+        self, key_id: int, limits: Limits, demand: Demand, now: float, *, bound: bool = False
     ) -> Reservation | Rejection:
-        """Check and reserve in one atomic step; a reservation carries its ``rate`` windows."""
+        """Check and reserve in one atomic step; a reservation carries its ``rate`` windows.
+        ``bound``: ``demand`` is a bound held until a count shrinks it."""
         ...
 
     def settle(self, reservation: Reservation, tokens: int, spend: int, now: float) -> None: ...
@@ -168,9 +174,10 @@ class LocalQuota:
         return state
 
     async def reserve(
-        self, key_id: int, limits: Limits, demand: Demand, now: float
+        self, key_id: int, limits: Limits, demand: Demand, now: float, *, bound: bool = False
     ) -> Reservation | Rejection:
         # No await in here: on one event loop, check and reserve are a single atomic step.
+        # ``bound`` needs no record: the proxy knows the bounds its own process holds.
         state = self._state(key_id, now)
         rejection = _check(state, limits, demand, now)
         if rejection is not None:
@@ -181,7 +188,7 @@ class LocalQuota:
         state.requests.append(now)
         return Reservation(key_id, demand, state.day, state.month, now, rate=_rate(state, limits, now))
 
-    def shrink(self, reservation: Reservation, limits: Limits, demand: Demand, now: float) -> None:
+    async def shrink(self, reservation: Reservation, limits: Limits, demand: Demand, now: float) -> None:
         """Hold ``demand`` instead of the reservation's larger one (the exact count replacing a
         bound), and refresh its rate windows. A hold never grows here: that would skip the check."""
         if reservation.released:
@@ -302,7 +309,15 @@ def _check(state: _KeyState, limits: Limits, demand: Demand, now: float) -> Reje
 CHECK_ORDER = ("max_concurrent", "rpm", "tpm", "tokens_per_day", "tokens_per_month", "spend_per_month")
 
 
-def reject(name: str, limit: int, used: int, reserved: int, wanted: int, wait: float | None) -> Rejection:
+def reject(
+    name: str,
+    limit: int,
+    used: int,
+    reserved: int,
+    wanted: int,
+    wait: float | None,
+    bounds_held: int = 0,
+) -> Rejection:
     """The rejection for one limit, worded alike whichever store found it.
 
     ``wait`` is the seconds until the request could fit; None when it never can (too large)."""
@@ -337,6 +352,7 @@ def reject(name: str, limit: int, used: int, reserved: int, wanted: int, wait: f
         f"Limit reached for {name}: limit {limit} {unit}, used {used}, reserved {reserved}, "
         f"requested {wanted}. It frees up in {_human(wait)}.",
         _ceil(wait),
+        bounds_held,
     )
 
 

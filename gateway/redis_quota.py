@@ -10,10 +10,13 @@ replicas can never both take the last tokens of a budget. Keys (``prefix`` defau
   ``{p}{key}:tpm_sum`` the running sum of the tpm set (so no script scans the whole minute);
 - ``{p}gone:{reservation}`` a short-lived tombstone of a reservation released after its reserve's
   answer was lost, which the reserve (if it arrives late) respects;
-- ``{p}{key}:live`` hash of reserved tokens, spend and requests in flight;
-- ``{p}res:{instance}`` the reservations each replica holds, and ``{p}alive:{instance}`` its
-  heartbeat. When a replica dies its heartbeat expires and any other replica releases its
-  reservations: a crash leaks nothing for longer than ``replica_timeout``.
+- ``{p}{key}:live`` hash of reserved tokens, spend and requests in flight, and of the bounds among
+  them (``b`` how many, ``bt``/``bs`` their tokens and spend): requests forwarded on a bound
+  while they are counted (see ``shrink``);
+- ``{p}res:{instance}`` the reservations each replica holds (``"key tokens spend bound"``, what
+  settling one releases), and ``{p}alive:{instance}`` its heartbeat. When a replica dies its
+  heartbeat expires and any other replica releases its reservations: a crash leaks nothing for
+  longer than ``replica_timeout``.
 
 If Redis cannot be reached the operator's ``fail_open`` decides: refuse with a 503 (closed, the
 default) or serve unchecked (open), counting ``gateway_quota_store_errors_total`` and logging.
@@ -36,6 +39,7 @@ from gateway.errors import QuotaStoreUnavailable
 from gateway.limits import Limits
 from gateway.quota import (
     Demand,
+    RateWindows,
     Rejection,
     Reservation,
     WindowState,
@@ -76,8 +80,42 @@ local function trim_tpm(z, sum, horizon)
 end
 """
 
+# What the rate-limit headers show, as a reservation left the windows (KEYS as the reserve's).
+_RATE = """
+local function rate(minute, reserved, day_used, month_tokens)
+  local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+  local entries = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
+  return {
+    'ok', string.format('%d', redis.call('ZCARD', KEYS[4])), first[2] or '-1',
+    string.format('%d', minute), entries[2] or '-1', string.format('%d', reserved),
+    string.format('%d', day_used), string.format('%d', month_tokens),
+  }
+end
+"""
+
+# A reservation record ("key tokens spend bound"; records without the flag hold counts), and
+# giving back what one holds to its key's live hash. Zero amounts are skipped: HINCRBY refuses
+# "-0", and a script must not fail half-way (Redis keeps the writes before an error).
+_RECORDS = """
+local function parse(rec)
+  local key, tokens, spend, bound = string.match(rec, '^(%d+) (%d+) (%d+) ?(%d?)$')
+  return key, tonumber(tokens), tonumber(spend), bound == '1'
+end
+local function unhold(live, tokens, spend, bound)
+  if tokens ~= 0 then redis.call('HINCRBY', live, 'tokens', -tokens) end
+  if spend ~= 0 then redis.call('HINCRBY', live, 'spend', -spend) end
+  redis.call('HINCRBY', live, 'n', -1)
+  if bound then
+    redis.call('HINCRBY', live, 'b', -1)
+    if tokens ~= 0 then redis.call('HINCRBY', live, 'bt', -tokens) end
+    if spend ~= 0 then redis.call('HINCRBY', live, 'bs', -spend) end
+  end
+end
+"""
+
 _RESERVE = (
     _TRIM_TPM
+    + _RATE
     + """
 local function d(x) return string.format('%d', x) end
 local function f(x) return string.format('%.3f', x) end
@@ -90,10 +128,11 @@ if redis.call('EXISTS', KEYS[8]) == 1 then return {'released'} end
 local horizon = now - 60
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', horizon)
 local minute = trim_tpm(KEYS[5], KEYS[7], horizon)
-local live = redis.call('HMGET', KEYS[3], 'tokens', 'spend', 'n')
+local live = redis.call('HMGET', KEYS[3], 'tokens', 'spend', 'n', 'b', 'bt', 'bs')
 local rtok, rsp, n = tonumber(live[1] or 0), tonumber(live[2] or 0), tonumber(live[3] or 0)
+local bounds, btok, bsp = tonumber(live[4] or 0), tonumber(live[5] or 0), tonumber(live[6] or 0)
 if lim[1] >= 0 and n + 1 > lim[1] then
-  return {'max_concurrent', d(n), '0', '1', '1'}
+  return {'max_concurrent', d(n), '0', '1', '1', '0'}
 end
 if lim[2] >= 0 then
   local count = redis.call('ZCARD', KEYS[4])
@@ -101,14 +140,18 @@ if lim[2] >= 0 then
     local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
     local wait = 60
     if first[2] then wait = tonumber(first[2]) + 60 - now end
-    return {'rpm', d(count), '0', '1', f(wait)}
+    return {'rpm', d(count), '0', '1', f(wait), '0'}
   end
 end
-local function check(name, limit, used, reserved, wanted, wait)
+-- slack: what bounds hold of ``reserved``. A refusal reports the bounds held only if counts in
+-- their place could admit the request (they hold at least nothing).
+local function check(name, limit, used, reserved, wanted, wait, slack)
   if limit < 0 then return nil end
-  if wanted > limit then return {name, d(used), d(reserved), d(wanted), '-1'} end
+  if wanted > limit then return {name, d(used), d(reserved), d(wanted), '-1', '0'} end
   if used + reserved + wanted > limit then
-    return {name, d(used), d(reserved), d(wanted), f(wait(used))}
+    local held = 0
+    if bounds > 0 and used + reserved - slack + wanted <= limit then held = bounds end
+    return {name, d(used), d(reserved), d(wanted), f(wait(used)), d(held)}
   end
   return nil
 end
@@ -126,49 +169,54 @@ if lim[3] >= 0 then
       end
       start = start + 64
     end
-  end)
+  end, btok)
   if r then return r end
 end
 local day_used = tonumber(redis.call('GET', KEYS[1]) or 0)
 local month = redis.call('HMGET', KEYS[2], 'tokens', 'spend')
 local month_tokens, month_spend = tonumber(month[1] or 0), tonumber(month[2] or 0)
-local r = check('tokens_per_day', lim[4], day_used, rtok, tokens, function() return day_reset - now end)
+local function until_day() return day_reset - now end
+local function until_month() return month_reset - now end
+local r = check('tokens_per_day', lim[4], day_used, rtok, tokens, until_day, btok)
 if r then return r end
-r = check('tokens_per_month', lim[5], month_tokens, rtok, tokens, function() return month_reset - now end)
+r = check('tokens_per_month', lim[5], month_tokens, rtok, tokens, until_month, btok)
 if r then return r end
-r = check('spend_per_month', lim[6], month_spend, rsp, spend, function() return month_reset - now end)
+r = check('spend_per_month', lim[6], month_spend, rsp, spend, until_month, bsp)
 if r then return r end
 if tokens ~= 0 then redis.call('HINCRBY', KEYS[3], 'tokens', tokens) end
 if spend ~= 0 then redis.call('HINCRBY', KEYS[3], 'spend', spend) end
 redis.call('HINCRBY', KEYS[3], 'n', 1)
+if ARGV[14] == '1' then
+  redis.call('HINCRBY', KEYS[3], 'b', 1)
+  if tokens ~= 0 then redis.call('HINCRBY', KEYS[3], 'bt', tokens) end
+  if spend ~= 0 then redis.call('HINCRBY', KEYS[3], 'bs', spend) end
+end
 redis.call('ZADD', KEYS[4], now, ARGV[4])
 redis.call('PEXPIRE', KEYS[4], 61000)
 redis.call('HSET', KEYS[6], ARGV[4], ARGV[5])
--- What the rate-limit headers show, as this reservation left the windows.
-local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
-local entries = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
-return {
-  'ok', d(redis.call('ZCARD', KEYS[4])), first[2] or '-1', d(minute), entries[2] or '-1',
-  d(rtok + tokens), d(day_used), d(month_tokens),
-}
+return rate(minute, rtok + tokens, day_used, month_tokens)
 """
 )
 
-_SETTLE = """
-if redis.call('HDEL', KEYS[5], ARGV[1]) == 0 then
+# Releases what the record holds, whether or not a shrink (which may arrive on another
+# connection, before or after) has replaced its bound by a count.
+_SETTLE = (
+    _RECORDS
+    + """
+local rec = redis.call('HGET', KEYS[5], ARGV[1])
+if not rec then
   -- Not reserved (yet): a release after a failed reserve leaves a tombstone, so that a reserve
   -- still on its way cannot take what no one will ever settle.
-  if ARGV[9] == '1' then redis.call('SET', KEYS[7], '1', 'EX', 600) end
+  if ARGV[7] == '1' then redis.call('SET', KEYS[7], '1', 'EX', 600) end
   return 0
 end
-local rtok, rsp = tonumber(ARGV[2]), tonumber(ARGV[3])
-local used, spend, now = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-if rtok ~= 0 then redis.call('HINCRBY', KEYS[3], 'tokens', -rtok) end
-if rsp ~= 0 then redis.call('HINCRBY', KEYS[3], 'spend', -rsp) end
-redis.call('HINCRBY', KEYS[3], 'n', -1)
+redis.call('HDEL', KEYS[5], ARGV[1])
+local _, rtok, rsp, bound = parse(rec)
+unhold(KEYS[3], rtok, rsp, bound)
+local used, spend, now = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 if used > 0 then
   redis.call('INCRBY', KEYS[1], used)
-  redis.call('EXPIREAT', KEYS[1], ARGV[7])
+  redis.call('EXPIREAT', KEYS[1], ARGV[5])
   redis.call('HINCRBY', KEYS[2], 'tokens', used)
   redis.call('ZADD', KEYS[4], now, ARGV[1] .. ':' .. used)
   redis.call('INCRBY', KEYS[6], used)
@@ -177,9 +225,41 @@ if used > 0 then
   redis.call('PEXPIRE', KEYS[6], 61000)
 end
 if spend > 0 then redis.call('HINCRBY', KEYS[2], 'spend', spend) end
-if used > 0 or spend > 0 then redis.call('EXPIREAT', KEYS[2], ARGV[8]) end
+if used > 0 or spend > 0 then redis.call('EXPIREAT', KEYS[2], ARGV[6]) end
 return 1
 """
+)
+
+# A bound traded for a count (KEYS as the reserve's; ARGV: now, id, and the count's tokens and
+# spend, each at most the bound's): the difference is free at once, and the reservation is a
+# count from then on. A record already settled or already a count is left alone.
+_SHRINK = (
+    _TRIM_TPM
+    + _RATE
+    + _RECORDS
+    + """
+local rec = redis.call('HGET', KEYS[6], ARGV[2])
+if not rec then return {'gone'} end
+local key, rtok, rsp, bound = parse(rec)
+if not bound then return {'gone'} end
+local tokens, spend = tonumber(ARGV[3]), tonumber(ARGV[4])
+if tokens ~= rtok then redis.call('HINCRBY', KEYS[3], 'tokens', tokens - rtok) end
+if spend ~= rsp then redis.call('HINCRBY', KEYS[3], 'spend', spend - rsp) end
+redis.call('HINCRBY', KEYS[3], 'b', -1)
+if rtok ~= 0 then redis.call('HINCRBY', KEYS[3], 'bt', -rtok) end
+if rsp ~= 0 then redis.call('HINCRBY', KEYS[3], 'bs', -rsp) end
+local d = function(x) return string.format('%d', x) end
+redis.call('HSET', KEYS[6], ARGV[2], key .. ' ' .. d(tokens) .. ' ' .. d(spend) .. ' 0')
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 60)
+local minute = trim_tpm(KEYS[5], KEYS[7], now - 60)
+local month = redis.call('HMGET', KEYS[2], 'tokens')
+return rate(
+  minute, tonumber(redis.call('HGET', KEYS[3], 'tokens') or 0),
+  tonumber(redis.call('GET', KEYS[1]) or 0), tonumber(month[1] or 0)
+)
+"""
+)
 
 _WINDOWS = (
     _TRIM_TPM
@@ -201,22 +281,18 @@ return {
 """
 )
 
-# Scripts must not fail half-way (Redis keeps the writes before an error): HINCRBY refuses "-0",
-# so zero amounts are skipped rather than negated.
-
 # Releases the reservations of replicas whose heartbeat expired. ARGV[1]: the key prefix.
-_SWEEP = """
+_SWEEP = (
+    _RECORDS
+    + """
 local p = ARGV[1]
 local released = 0
 for _, inst in ipairs(redis.call('SMEMBERS', p .. 'instances')) do
   if redis.call('EXISTS', p .. 'alive:' .. inst) == 0 then
     local res = redis.call('HGETALL', p .. 'res:' .. inst)
     for i = 1, #res, 2 do
-      local key, tokens, spend = string.match(res[i + 1], '^(%d+) (%d+) (%d+)$')
-      local live = p .. key .. ':live'
-      if tokens ~= '0' then redis.call('HINCRBY', live, 'tokens', -tonumber(tokens)) end
-      if spend ~= '0' then redis.call('HINCRBY', live, 'spend', -tonumber(spend)) end
-      redis.call('HINCRBY', live, 'n', -1)
+      local key, tokens, spend, bound = parse(res[i + 1])
+      unhold(p .. key .. ':live', tokens, spend, bound)
       released = released + 1
     end
     redis.call('DEL', p .. 'res:' .. inst)
@@ -225,6 +301,7 @@ for _, inst in ipairs(redis.call('SMEMBERS', p .. 'instances')) do
 end
 return released
 """
+)
 
 # Seconds a quota call waits for one of the process's Redis connections to be free.
 POOL_WAIT = 5.0
@@ -269,6 +346,7 @@ class RedisQuota:
         self._redis = aioredis.Redis.from_pool(pool)
         self._reserve = self._redis.register_script(_RESERVE)
         self._settle = self._redis.register_script(_SETTLE)
+        self._shrink = self._redis.register_script(_SHRINK)
         self._windows = self._redis.register_script(_WINDOWS)
         self._sweep = self._redis.register_script(_SWEEP)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -304,7 +382,7 @@ class RedisQuota:
 
     # QuotaStore
     async def reserve(
-        self, key_id: int, limits: Limits, demand: Demand, now: float
+        self, key_id: int, limits: Limits, demand: Demand, now: float, *, bound: bool = False
     ) -> Reservation | Rejection:
         day, month = _day(now), _month(now)
         reservation = Reservation(key_id, demand, day, month, now, id=uuid.uuid4().hex)
@@ -313,10 +391,11 @@ class RedisQuota:
             demand.tokens,
             demand.spend,
             reservation.id,
-            f"{key_id} {demand.tokens} {demand.spend}",
+            f"{key_id} {demand.tokens} {demand.spend} {int(bound)}",
             *(_arg(getattr(limits, name)) for name in _ORDER),
             _day_start(now) + 86400,
             _next_month_start(now),
+            int(bound),
         ]
         try:
             result = await self._reserve(
@@ -334,28 +413,39 @@ class RedisQuota:
             reservation.unchecked = True
             return reservation
         if result[0] == "ok":
-            requests, first_request, minute, first_tokens, reserved, day_used, month_tokens = (
-                float(x) for x in result[1:]
-            )
-            reservation.rate = rate_windows_of(
-                limits,
-                now,
-                requests=int(requests),
-                first_request=first_request if first_request >= 0 else None,
-                minute_tokens=int(minute),
-                first_tokens=first_tokens if first_tokens >= 0 else None,
-                day_tokens=int(day_used),
-                month_tokens=int(month_tokens),
-                reserved_tokens=int(reserved),
-            )
+            reservation.rate = _rate(limits, now, result)
             return reservation
         if result[0] == "released":  # a reservation id is never reused: cannot happen
             raise QuotaStoreUnavailable("Quota reservation was released before it was made; retry.")
-        name, used, reserved, wanted, wait = result
+        name, used, reserved, wanted, wait, held = result
         limit = getattr(limits, name)
         return reject(
-            name, limit, int(used), int(reserved), int(wanted), None if wait == "-1" else float(wait)
+            name,
+            limit,
+            int(used),
+            int(reserved),
+            int(wanted),
+            None if wait == "-1" else float(wait),
+            int(held),
         )
+
+    async def shrink(self, reservation: Reservation, limits: Limits, demand: Demand, now: float) -> None:
+        """Hold ``demand`` instead of the reservation's bound (its count, found after it was
+        forwarded), and refresh its rate windows. A hold never grows. If Redis cannot be reached
+        the bound stays held until the request settles: too much held for a while, never too little."""
+        if reservation.released or reservation.unchecked:
+            return
+        held = reservation.demand
+        tokens, spend = min(demand.tokens, held.tokens), min(demand.spend, held.spend)
+        keys = self._keys(reservation.key_id, reservation.day, reservation.month)
+        try:
+            result = await self._shrink(keys=keys, args=[now, reservation.id, tokens, spend])
+        except RedisError as exc:
+            self._error("shrink", exc)
+            return
+        if result[0] == "ok":  # else settled meanwhile (the client went away): nothing to trade
+            reservation.demand = Demand(tokens, spend)
+            reservation.rate = _rate(limits, now, result)
 
     def settle(self, reservation: Reservation, tokens: int, spend: int, now: float) -> None:
         """Queue the settlement (never blocks, never raises); retried until Redis takes it."""
@@ -444,20 +534,8 @@ class RedisQuota:
         # Usage counts in the period the request started in (as the ledger and /v1/usage do).
         day_expiry = int(_day_start(r.started_at)) + 86400 + _KEEP
         month_expiry = int(_next_month_start(r.started_at)) + _KEEP
-        await self._settle(
-            keys=keys,
-            args=[
-                r.id,
-                r.demand.tokens,
-                r.demand.spend,
-                tokens,
-                spend,
-                now,
-                day_expiry,
-                month_expiry,
-                int(release),
-            ],
-        )
+        # What is released is what the record holds (a shrink may be on its way): no amounts.
+        await self._settle(keys=keys, args=[r.id, tokens, spend, now, day_expiry, month_expiry, int(release)])
 
     async def _flush_retries(self) -> None:
         pending, self._retry = self._retry, []
@@ -524,3 +602,21 @@ _ORDER = ("max_concurrent", "rpm", "tpm", "tokens_per_day", "tokens_per_month", 
 
 def _arg(value: Any) -> int:
     return _NONE if value is None else int(value)
+
+
+def _rate(limits: Limits, now: float, result: list[str]) -> RateWindows:
+    """The rate windows of a script's ``{'ok', ...}`` answer (see ``_RATE``)."""
+    requests, first_request, minute, first_tokens, reserved, day_used, month_tokens = (
+        float(x) for x in result[1:]
+    )
+    return rate_windows_of(
+        limits,
+        now,
+        requests=int(requests),
+        first_request=first_request if first_request >= 0 else None,
+        minute_tokens=int(minute),
+        first_tokens=first_tokens if first_tokens >= 0 else None,
+        day_tokens=int(day_used),
+        month_tokens=int(month_tokens),
+        reserved_tokens=int(reserved),
+    )

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import json
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
+import redis
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
@@ -19,6 +22,7 @@ from gateway.journal import Journal
 from gateway.keys import KeyStore, load_key_secret
 from gateway.settings import Settings
 from tests.conftest import SEED_MESSAGES, SEED_MODEL, SEED_TOOLS, settled_rows
+from tests.stores import PostgresServer, RedisServer
 
 Handler = Callable[[httpx.Request], httpx.Response]
 USAGE = {"prompt_tokens": 116, "completion_tokens": 32, "total_tokens": 148}
@@ -410,6 +414,25 @@ def _budget_key(settings: Settings, name: str = "budgeted", **limits: int) -> st
         db.close()
 
 
+@pytest.fixture(params=["in-process", "redis"])
+def store(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The quota store's settings: this process's counters, or a real Redis (fresh prefix)."""
+    if request.param == "in-process":
+        return {}
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return {"redis_url": server.url, "redis_prefix": f"t{uuid.uuid4().hex[:8]}:"}
+
+
+def _nothing_held(store: dict[str, Any]) -> None:
+    """On Redis: no reservation, and no bound among them, is left on any key."""
+    if not store:
+        return
+    client = redis.Redis.from_url(store["redis_url"], decode_responses=True)
+    for name in client.scan_iter(match=store["redis_prefix"] + "*:live"):
+        held = {k: v for k, v in client.hgetall(name).items() if v != "0"}
+        assert not held, (name, held)
+
+
 def _load_tokenizer(client: TestClient, settings: Settings) -> None:
     """A first request for a model loads its tokenizer (off the loop) and is counted first: a
     bound needs the model's profile built."""
@@ -456,12 +479,13 @@ def test_a_budgeted_request_is_counted_beside_the_backend_and_holds_its_count(
     backend: Backend,
     db_path: str,
     monkeypatch: pytest.MonkeyPatch,
+    store: dict[str, Any],
 ) -> None:
     """With a budget, the request goes out holding a bound; the count runs while the backend
     works, and replaces the bound before the answer: the rate headers and the ledger's hold
-    are the count's, as if it had been counted first."""
+    are the count's, as if it had been counted first. On either quota store."""
     events, sent = _when_counted(backend, monkeypatch)
-    settings = make_settings()
+    settings = make_settings(**store)
     key = _budget_key(settings, tokens_per_day=100_000)
     exact, _ = _seed_demand(40)
     app = create_app(settings, transport=httpx.MockTransport(backend))
@@ -475,6 +499,7 @@ def test_a_budgeted_request_is_counted_beside_the_backend_and_holds_its_count(
         assert resp.headers["x-ratelimit-remaining-tokens"] == str(100_000 - exact)
     rows = [r for r in settled_rows(db_path) if r["reserved_tokens"] is not None]
     assert [r["reserved_tokens"] for r in rows] == [exact]
+    _nothing_held(store)
 
 
 @pytest.mark.parametrize(
@@ -505,12 +530,12 @@ def test_a_preloaded_model_is_forwarded_on_a_bound_from_its_first_request(
 
 
 def test_a_key_too_near_its_budget_for_the_bound_is_decided_on_the_count(
-    make_settings: Callable[..., Settings], backend: Backend
+    make_settings: Callable[..., Settings], backend: Backend, store: dict[str, Any]
 ) -> None:
     """The bound does not fit what is left, the count does: the request is admitted, counted
     first, exactly as without bounds; the next one, which the count does not fit, is refused."""
     exact, bound = _seed_demand(40)
-    settings = make_settings()
+    settings = make_settings(**store)
     key = _budget_key(settings, tokens_per_day=exact)
     assert bound > exact
     with TestClient(create_app(settings, transport=httpx.MockTransport(backend))) as client:
@@ -518,10 +543,14 @@ def test_a_key_too_near_its_budget_for_the_bound_is_decided_on_the_count(
         assert _chat(client, key, tools=SEED_TOOLS, max_tokens=40).status_code == 200
         _assert_error(_chat(client, key, tools=SEED_TOOLS, max_tokens=40), 429, "insufficient_quota")
     assert len(backend.requests) == 2
+    _nothing_held(store)
 
 
 def test_a_request_refused_beside_a_held_bound_is_decided_again_once_it_is_a_count(
-    make_settings: Callable[..., Settings], backend: Backend, monkeypatch: pytest.MonkeyPatch
+    make_settings: Callable[..., Settings],
+    backend: Backend,
+    monkeypatch: pytest.MonkeyPatch,
+    store: dict[str, Any],
 ) -> None:
     """Two requests whose counts fit the budget together. The first holds its bound while its
     count is slow; the second, refused beside that bound, waits for the count and is admitted:
@@ -529,7 +558,7 @@ def test_a_request_refused_beside_a_held_bound_is_decided_again_once_it_is_a_cou
     from gateway.proxy import Proxy
 
     exact, bound = _seed_demand(40)
-    settings = make_settings()
+    settings = make_settings(**store)
     limit = bound + 10  # the first one's bound fits; beside it, not even the second's count
     key = _budget_key(settings, tokens_per_day=limit)
     assert bound + exact > limit >= 2 * exact
@@ -566,15 +595,72 @@ def test_a_request_refused_beside_a_held_bound_is_decided_again_once_it_is_a_cou
         assert second.status_code == 200, second.text
         assert [r.status_code for r in results] == [200]
     assert len(backend.requests) == 3
+    _nothing_held(store)
+
+
+def test_a_refusal_beside_another_replicas_bound_waits_for_its_count(
+    backend: Backend,
+    monkeypatch: pytest.MonkeyPatch,
+    postgres_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    """Two replicas (one PostgreSQL ledger, one Redis). Replica A forwards a request on its
+    bound and counts slowly; replica B, refused beside that bound (which its process does not
+    hold, so cannot await), asks again until A's count replaces it, and is admitted: across
+    replicas too, a bound never refuses what counting first would have admitted."""
+    from gateway.proxy import Proxy
+
+    exact, bound = _seed_demand(40)
+    limit = bound + 10
+    assert bound + exact > limit >= 2 * exact
+    db = postgres_server.create_database()
+    shared = {"db": db, "redis_url": redis_server.url, "redis_prefix": f"t{uuid.uuid4().hex[:8]}:"}
+    settings = Settings(upstream_url="http://upstream.test/v1/openai", **shared)
+    key = _budget_key(settings, tokens_per_day=limit)
+    count = Proxy._count
+    slow: list[int] = []
+
+    async def first_is_slow(self: Proxy, *args: Any) -> Any:
+        if slow and slow.pop():
+            await asyncio.sleep(0.5)
+        return await count(self, *args)
+
+    monkeypatch.setattr(Proxy, "_count", first_is_slow)
+    first_sent = threading.Event()
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        first_sent.set()
+        return httpx.Response(200, json=_completion())
+
+    backend.handler = answer
+    replica = functools.partial(create_app, settings, transport=httpx.MockTransport(backend))
+    with TestClient(replica()) as a, TestClient(replica()) as b:
+        for i, client in enumerate((a, b)):  # each replica loads its tokenizer: bounds from then on
+            assert _chat(client, _budget_key(settings, f"warm-up-{i}"), tools=SEED_TOOLS).status_code == 200
+        first_sent.clear()
+        slow.append(1)
+        results: list[httpx.Response] = []
+        first = threading.Thread(
+            target=lambda: results.append(_chat(a, key, tools=SEED_TOOLS, max_tokens=40))
+        )
+        first.start()
+        assert first_sent.wait(10)
+        second = _chat(b, key, tools=SEED_TOOLS, max_tokens=40)
+        first.join(10)
+        assert second.status_code == 200, second.text
+        assert [r.status_code for r in results] == [200]
+        assert not slow  # the slow count was the first request's
+    assert len(backend.requests) == 4
+    _nothing_held(shared)
 
 
 def test_a_dead_backend_releases_a_held_bound(
-    make_settings: Callable[..., Settings], backend: Backend
+    make_settings: Callable[..., Settings], backend: Backend, store: dict[str, Any]
 ) -> None:
     """The backend fails while the request holds its bound (its count not in yet): the error
     is OpenAI-shaped, the row settled, and the whole bound is free again."""
     exact, bound = _seed_demand(40)
-    settings = make_settings()
+    settings = make_settings(**store)
     key = _budget_key(settings, tokens_per_day=bound)
     with TestClient(create_app(settings, transport=httpx.MockTransport(backend))) as client:
         _load_tokenizer(client, settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 import time
 import uuid
@@ -14,7 +15,7 @@ import redis
 
 from gateway.errors import QuotaStoreUnavailable
 from gateway.limits import Limits
-from gateway.quota import Demand, LocalQuota, Rejection, Reservation, _day_start
+from gateway.quota import Demand, LocalQuota, Rejection, Reservation, _day_start, rate_windows
 from gateway.redis_quota import RedisQuota
 from tests.servers import free_port
 from tests.stores import RedisServer
@@ -41,7 +42,8 @@ def _replica(server: RedisServer, prefix: str, **kw: Any) -> RedisQuota:
 
 
 def test_decides_exactly_as_the_in_process_store(redis_server: RedisServer, prefix: str) -> None:
-    """A random sequence of reserves and settles: same verdicts, same messages, same windows."""
+    """A random sequence of reserves (some on bounds), shrinks and settles: same verdicts, same
+    messages, same windows."""
     rng = random.Random(7)
     limits = Limits(
         tokens_per_day=5_000,
@@ -56,11 +58,25 @@ def test_decides_exactly_as_the_in_process_store(redis_server: RedisServer, pref
         local, shared = LocalQuota(), _replica(redis_server, prefix)
         await shared.start()
         held: list[tuple[Reservation, Reservation]] = []
+        bounds: list[tuple[Reservation, Reservation]] = []  # held on a bound, not yet shrunk
+        shrunk = settled_bounds = 0
         now = NOON
-        for step in range(300):
+        for step in range(400):
             now += rng.choice([0.0, 0.5, 3.0, 20.0])
+            if bounds and rng.random() < 0.6:
+                a, b = bounds.pop(rng.randrange(len(bounds)))
+                count = Demand(rng.randint(0, a.demand.tokens + 50), rng.randint(0, a.demand.spend + 50))
+                await local.shrink(a, limits, count, now)
+                await shared.shrink(b, limits, count, now)
+                assert a.demand == b.demand and b.rate == a.rate, step
+                shrunk += 1
+                assert await shared.windows(1, limits, now) == local.windows_now(1, limits, now), step
+                continue
             if held and rng.random() < 0.5:
                 a, b = held.pop(rng.randrange(len(held)))
+                if (a, b) in bounds:
+                    bounds.remove((a, b))
+                    settled_bounds += 1
                 used = rng.randint(0, a.demand.tokens)
                 spend = rng.randint(0, a.demand.spend)
                 local.settle(a, used, spend, now)
@@ -69,8 +85,9 @@ def test_decides_exactly_as_the_in_process_store(redis_server: RedisServer, pref
                 await asyncio.gather(*shared._tasks)
                 continue
             demand = Demand(rng.randint(1, 900), rng.randint(0, 5_000))
-            expected = await local.reserve(1, limits, demand, now)
-            got = await shared.reserve(1, limits, demand, now)
+            bound = rng.random() < 0.5
+            expected = await local.reserve(1, limits, demand, now, bound=bound)
+            got = await shared.reserve(1, limits, demand, now, bound=bound)
             assert type(expected) is type(got), (step, expected, got)
             if isinstance(expected, Rejection):
                 assert isinstance(got, Rejection)
@@ -85,10 +102,144 @@ def test_decides_exactly_as_the_in_process_store(redis_server: RedisServer, pref
                 # The rate-limit headers' windows, read by the reserve itself.
                 assert got.rate == expected.rate, step
                 held.append((expected, got))
+                if bound:
+                    bounds.append((expected, got))
             assert await shared.windows(1, limits, now) == local.windows_now(1, limits, now), step
+        # The sequence meets each case often enough to mean something.
+        assert shrunk >= 10 and settled_bounds >= 5, (shrunk, settled_bounds)
+        for a, b in held:
+            local.settle(a, 0, 0, now)
+            shared.settle(b, 0, 0, now)
+        await asyncio.gather(*shared._tasks)
         await shared.aclose()
+        assert local.outstanding() == (0, 0)
 
     _run(run())
+    assert _live(redis_server, prefix, 1) == _NOTHING_HELD
+
+
+_NOTHING_HELD = {"tokens": "0", "spend": "0", "n": "0", "b": "0", "bt": "0", "bs": "0"}
+
+
+def _live(server: RedisServer, prefix: str, key_id: int) -> dict[str, str]:
+    """What a key's live hash holds (reservations, and the bounds among them); absent fields as 0."""
+    live = redis.Redis.from_url(server.url, decode_responses=True).hgetall(f"{prefix}{key_id}:live")
+    return {field: live.get(field, "0") for field in _NOTHING_HELD}
+
+
+def test_a_bound_traded_for_its_count_frees_the_difference_and_never_grows(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """As in process: the difference is free at once, a larger count is not taken (that would
+    skip the check), the rate windows are the count's, and a settled hold is left alone."""
+    limits = Limits(tokens_per_day=100, tpm=1_000)
+
+    async def run() -> None:
+        store = _replica(redis_server, prefix)
+        held = await store.reserve(1, limits, Demand(90, 9), NOON, bound=True)
+        assert isinstance(held, Reservation)
+        assert _live(redis_server, prefix, 1) == {**_NOTHING_HELD, "tokens": "90", "spend": "9", "n": "1",
+                                                   "b": "1", "bt": "90", "bs": "9"}  # fmt: skip
+        assert isinstance(await store.reserve(1, limits, Demand(20, 0), NOON), Rejection)
+        await store.shrink(held, limits, Demand(30, 3), NOON)
+        assert held.demand == Demand(30, 3)
+        assert _live(redis_server, prefix, 1) == {**_NOTHING_HELD, "tokens": "30", "spend": "3", "n": "1"}
+        assert held.rate == rate_windows(await store.windows(1, limits, NOON))
+        await store.shrink(held, limits, Demand(80, 8), NOON)  # a count now: nothing to trade
+        assert held.demand == Demand(30, 3) and _live(redis_server, prefix, 1)["tokens"] == "30"
+        other = await store.reserve(1, limits, Demand(70, 0), NOON)
+        assert isinstance(other, Reservation)
+        store.settle(held, 25, 2, NOON)
+        await store.shrink(held, limits, Demand(0, 0), NOON)
+        await asyncio.gather(*store._tasks)
+        assert _live(redis_server, prefix, 1) == {**_NOTHING_HELD, "tokens": "70", "n": "1"}
+        store.settle(other, 0, 0, NOON)
+        await store.aclose()
+
+    _run(run())
+    assert _live(redis_server, prefix, 1) == _NOTHING_HELD
+
+
+@pytest.mark.parametrize("order", ["shrink, then settle", "settle, then shrink"])
+def test_a_settle_releases_what_the_record_holds_whichever_arrives_first(
+    redis_server: RedisServer, prefix: str, order: str
+) -> None:
+    """A shrink and the settle can reach Redis in either order (two pooled connections; the
+    client went away while the count ran): either way exactly nothing is left held."""
+    limits = Limits(tokens_per_day=1_000, spend_per_month=1_000)
+
+    async def run() -> None:
+        store = _replica(redis_server, prefix)
+        held = await store.reserve(1, limits, Demand(600, 60), NOON, bound=True)
+        assert isinstance(held, Reservation)
+        in_flight = copy.copy(held)  # the shrink's view: issued before the settle marked it
+        if order == "shrink, then settle":
+            await store.shrink(in_flight, limits, Demand(200, 20), NOON)
+            store.settle(held, 0, 0, NOON)
+            await asyncio.gather(*store._tasks)
+        else:
+            store.settle(held, 0, 0, NOON)
+            await asyncio.gather(*store._tasks)
+            await store.shrink(in_flight, limits, Demand(200, 20), NOON)
+            assert in_flight.demand == Demand(600, 60)  # nothing was traded
+        await store.aclose()
+
+    _run(run())
+    assert _live(redis_server, prefix, 1) == _NOTHING_HELD
+
+
+def test_a_refusal_names_the_bounds_held_only_where_counts_could_admit_it(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """Refused beside a bound that, counted, might hold nothing: the refusal says so (the proxy
+    then waits for the count). Refused where even empty bounds leave no room: it does not."""
+    limits = Limits(tokens_per_day=100, spend_per_month=1_000)
+
+    async def run() -> tuple[Any, ...]:
+        store = _replica(redis_server, prefix)
+        bound = await store.reserve(1, limits, Demand(60, 600), NOON, bound=True)
+        maybe = await store.reserve(1, limits, Demand(50, 0), NOON)
+        too_large = await store.reserve(1, limits, Demand(101, 0), NOON)
+        spend = await store.reserve(1, limits, Demand(10, 500), NOON)
+        count = await store.reserve(1, limits, Demand(30, 0), NOON)
+        certain = await store.reserve(1, limits, Demand(80, 0), NOON)
+        for r in (bound, count):
+            assert isinstance(r, Reservation)
+            store.settle(r, 0, 0, NOON)
+        await asyncio.gather(*store._tasks)
+        await store.aclose()
+        return maybe, too_large, spend, certain
+
+    maybe, too_large, spend, certain = _run(run())
+    assert isinstance(maybe, Rejection) and (maybe.limit, maybe.bounds_held) == ("tokens_per_day", 1)
+    assert isinstance(too_large, Rejection) and too_large.bounds_held == 0
+    assert isinstance(spend, Rejection) and (spend.limit, spend.bounds_held) == ("spend_per_month", 1)
+    # 30 counted + 80 > 100 even if the bound held nothing: no wait can help.
+    assert isinstance(certain, Rejection) and certain.bounds_held == 0
+    assert _live(redis_server, prefix, 1) == _NOTHING_HELD
+
+
+def test_a_shrink_redis_does_not_take_keeps_the_bound_held(redis_server: RedisServer, prefix: str) -> None:
+    """Redis unreachable when the count is in: the bound stays held (too much, never too little)
+    until the request settles, and the failure is counted, not raised."""
+    limits = Limits(tokens_per_day=1_000)
+    errors: list[str] = []
+
+    async def run() -> None:
+        store = _replica(redis_server, prefix)
+        held = await store.reserve(1, limits, Demand(600, 0), NOON, bound=True)
+        assert isinstance(held, Reservation)
+        cut_off = RedisQuota(f"redis://127.0.0.1:{free_port()}", prefix=prefix, on_error=errors.append)
+        await cut_off.shrink(held, limits, Demand(200, 0), NOON)
+        assert held.demand == Demand(600, 0) and _live(redis_server, prefix, 1)["tokens"] == "600"
+        store.settle(held, 150, 0, NOON)
+        await asyncio.gather(*store._tasks)
+        await cut_off.aclose()
+        await store.aclose()
+
+    _run(run())
+    assert errors == ["shrink"]
+    assert _live(redis_server, prefix, 1) == _NOTHING_HELD
 
 
 def test_two_replicas_never_overshoot_a_budget(redis_server: RedisServer, prefix: str) -> None:
@@ -192,7 +343,7 @@ def test_a_dead_replicas_reservations_are_released(redis_server: RedisServer, pr
     async def run() -> tuple[Any, Any, Any]:
         dead = _replica(redis_server, prefix, replica_timeout=1)
         await dead.start()
-        assert isinstance(await dead.reserve(1, limits, Demand(0, 0), NOON), Reservation)
+        assert isinstance(await dead.reserve(1, limits, Demand(40, 4), NOON, bound=True), Reservation)
         assert isinstance(await dead.reserve(1, limits, Demand(0, 0), NOON), Reservation)
         dead._beat.cancel() if dead._beat else None  # the process "dies": no heartbeat, no settle
         alive = _replica(redis_server, prefix, replica_timeout=1)
@@ -209,6 +360,8 @@ def test_a_dead_replicas_reservations_are_released(redis_server: RedisServer, pr
     assert isinstance(refused, Rejection) and refused.limit == "max_concurrent"
     assert isinstance(admitted, Reservation)
     assert windows[0].used == 1
+    # The bound among them is released as one: nothing of it left to make refusals wait.
+    assert _live(redis_server, prefix, 1) == {**_NOTHING_HELD, "n": "1"}
 
 
 def test_a_reserve_whose_answer_is_lost_is_released(redis_server: RedisServer, prefix: str) -> None:
