@@ -54,7 +54,8 @@ class Settings:
     quota_fail_open: bool = False
     # Prefix of every Redis key the gateway writes (several gateways can share one Redis).
     redis_prefix: str = "gw:"
-    # Connections to Redis per process: concurrent quota calls beyond it wait for a free one.
+    # Connections of redis-py's pool per process (heartbeats; every quota call with rediss://):
+    # calls beyond it wait for a free one. Quota scripts otherwise share one pipelined connection.
     redis_max_connections: int = 64
     # Replicas: how long one may stay silent (killed, cut off) before another bills its pending
     # ledger rows as estimates and releases its quota reservations. Heartbeats go every third.

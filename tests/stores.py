@@ -146,6 +146,11 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def socket(self) -> Path:
+        """Its unix socket, which it listens on beside the port."""
+        return self.dir / "redis.sock"
+
     def start(self) -> RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
@@ -163,6 +168,8 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.dir),
+                "--unixsocket",
+                str(self.dir / "redis.sock"),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
