@@ -27,7 +27,9 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from redis.connection import parse_url
-from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = ["Pipelined", "client_for"]
 
@@ -108,7 +110,7 @@ class Pipelined:
 
     async def aclose(self) -> None:
         if self._conn is not None:
-            self._conn.close(ConnectionError("the client was closed"))
+            self._conn.close(RedisConnectionError("the client was closed"))
             self._conn = None
 
     async def _connect(self) -> _Connection:
@@ -130,17 +132,17 @@ class Pipelined:
                     _, conn = await loop.create_unix_connection(lambda: _Connection(loop), self._path)
                 else:
                     _, conn = await loop.create_connection(lambda: _Connection(loop), *self._address)
-        except TimeoutError:
-            raise TimeoutError(f"Timeout connecting to Redis at {where}") from None
+        except TimeoutError:  # the builtin, asyncio's
+            raise RedisTimeoutError(f"Timeout connecting to Redis at {where}") from None
         except OSError as exc:
-            raise ConnectionError(f"Error connecting to Redis at {where}: {exc}") from None
+            raise RedisConnectionError(f"Error connecting to Redis at {where}: {exc}") from None
         try:
             for command in self._hello:
                 reply = await conn.call(command, self._connect_timeout)
                 if isinstance(reply, ResponseError):
                     raise reply
         except BaseException:
-            conn.close(ConnectionError("the connection's set-up failed"))
+            conn.close(RedisConnectionError("the connection's set-up failed"))
             raise
         self._conn = conn
         return conn
@@ -167,7 +169,7 @@ class _Connection(asyncio.Protocol):
 
     def call(self, args: tuple[Any, ...], timeout: float) -> asyncio.Future[Reply]:
         if self.closed or self.transport is None:
-            raise ConnectionError("Connection closed by server.")
+            raise RedisConnectionError("Connection closed by server.")
         future: asyncio.Future[Reply] = self.loop.create_future()
         timer = self.loop.call_later(timeout, self._expire, future)
         self._waiting.append((future, timer))
@@ -181,7 +183,7 @@ class _Connection(asyncio.Protocol):
             try:
                 parsed = _parse(buffer, at)
             except ValueError as exc:  # not RESP: nothing after it can be trusted
-                self.close(ConnectionError(f"Protocol error from Redis: {exc}"))
+                self.close(RedisConnectionError(f"Protocol error from Redis: {exc}"))
                 return
             if parsed is None:
                 break
@@ -193,7 +195,7 @@ class _Connection(asyncio.Protocol):
         self._buffer = buffer[at:]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.close(ConnectionError("Connection closed by server."))
+        self.close(RedisConnectionError("Connection closed by server."))
 
     def close(self, error: Exception) -> None:
         self.closed = True
@@ -207,9 +209,9 @@ class _Connection(asyncio.Protocol):
 
     def _expire(self, future: asyncio.Future[Reply]) -> None:
         if not future.done():
-            future.set_exception(TimeoutError("Timeout reading from Redis"))
+            future.set_exception(RedisTimeoutError("Timeout reading from Redis"))
         # The replies still owed are out of step with what waits for them now: start afresh.
-        self.close(ConnectionError("the connection was closed after a timeout"))
+        self.close(RedisConnectionError("the connection was closed after a timeout"))
 
 
 def _retrieve(attempt: asyncio.Future[_Connection]) -> None:

@@ -176,6 +176,20 @@ def test_a_call_without_an_answer_times_out_and_the_next_connects_afresh(loop: s
     _run(run(), loop)
 
 
+def test_a_server_silent_at_set_up_is_a_timeout_not_a_hang() -> None:
+    """The connection is made but the set-up (the client's name) gets no answer."""
+
+    async def run() -> None:
+        async with _silent_server() as (port, _):
+            client = Pipelined(port=port, host="127.0.0.1", timeout=5, connect_timeout=0.2, client_name="g")
+            started = time.monotonic()
+            with pytest.raises(redis.exceptions.TimeoutError):
+                await client.call("PING")
+            assert time.monotonic() - started < 1.0
+
+    _run(run())
+
+
 def test_a_dead_address_is_a_connection_error() -> None:
     async def run() -> None:
         async with _silent_server() as (port, _):
