@@ -546,6 +546,22 @@ def test_a_key_too_near_its_budget_for_the_bound_is_decided_on_the_count(
     _nothing_held(store)
 
 
+def _both_admitted(first: TestClient, second: TestClient, key: str, first_sent: threading.Event) -> None:
+    """A request through ``first``; once the backend has it (holding its bound while its count
+    is slow), another through ``second``, refused beside that bound: both are served."""
+    first_sent.clear()
+    results: list[httpx.Response] = []
+    thread = threading.Thread(
+        target=lambda: results.append(_chat(first, key, tools=SEED_TOOLS, max_tokens=40))
+    )
+    thread.start()
+    assert first_sent.wait(10)
+    later = _chat(second, key, tools=SEED_TOOLS, max_tokens=40)
+    thread.join(10)
+    assert later.status_code == 200, later.text
+    assert [r.status_code for r in results] == [200]
+
+
 def test_a_request_refused_beside_a_held_bound_is_decided_again_once_it_is_a_count(
     make_settings: Callable[..., Settings],
     backend: Backend,
@@ -583,17 +599,7 @@ def test_a_request_refused_beside_a_held_bound_is_decided_again_once_it_is_a_cou
     with TestClient(create_app(settings, transport=httpx.MockTransport(backend))) as client:
         _load_tokenizer(client, settings)
         calls.clear()
-        first_sent.clear()
-        results: list[httpx.Response] = []
-        first = threading.Thread(
-            target=lambda: results.append(_chat(client, key, tools=SEED_TOOLS, max_tokens=40))
-        )
-        first.start()
-        assert first_sent.wait(10)
-        second = _chat(client, key, tools=SEED_TOOLS, max_tokens=40)
-        first.join(10)
-        assert second.status_code == 200, second.text
-        assert [r.status_code for r in results] == [200]
+        _both_admitted(client, client, key, first_sent)
     assert len(backend.requests) == 3
     _nothing_held(store)
 
@@ -637,18 +643,8 @@ def test_a_refusal_beside_another_replicas_bound_waits_for_its_count(
     with TestClient(replica()) as a, TestClient(replica()) as b:
         for i, client in enumerate((a, b)):  # each replica loads its tokenizer: bounds from then on
             assert _chat(client, _budget_key(settings, f"warm-up-{i}"), tools=SEED_TOOLS).status_code == 200
-        first_sent.clear()
         slow.append(1)
-        results: list[httpx.Response] = []
-        first = threading.Thread(
-            target=lambda: results.append(_chat(a, key, tools=SEED_TOOLS, max_tokens=40))
-        )
-        first.start()
-        assert first_sent.wait(10)
-        second = _chat(b, key, tools=SEED_TOOLS, max_tokens=40)
-        first.join(10)
-        assert second.status_code == 200, second.text
-        assert [r.status_code for r in results] == [200]
+        _both_admitted(a, b, key, first_sent)
         assert not slow  # the slow count was the first request's
     assert len(backend.requests) == 4
     _nothing_held(shared)
