@@ -233,6 +233,10 @@ class Database(abc.ABC):
         row = self.execute(sql, params).fetchone()
         return None if row is None else tuple(row)
 
+    async def afetchall(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
+        """Every row, for the request path (as :meth:`afetchone`)."""
+        return [tuple(row) for row in self.execute(sql, params).fetchall()]
+
     async def aclose(self) -> None:  # noqa: B027 - only engines with a read pool have one to close
         """Release what :meth:`afetchone` opened."""
 

@@ -201,6 +201,20 @@ class PostgresDatabase(Database):
             yield
 
     async def afetchone(self, sql: str, params: Params = ()) -> tuple[Any, ...] | None:
+        pool = await self._read_pool()
+        async with pool.connection() as conn:
+            cursor = await conn.execute(translate(sql), params or None)
+            row = await cursor.fetchone()
+        return None if row is None else tuple(row)
+
+    async def afetchall(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
+        pool = await self._read_pool()
+        async with pool.connection() as conn:
+            cursor = await conn.execute(translate(sql), params or None)
+            rows = await cursor.fetchall()
+        return [tuple(row) for row in rows]
+
+    async def _read_pool(self) -> psycopg_pool.AsyncConnectionPool:
         loop = asyncio.get_running_loop()
         if self._pool is not None and self._pool_loop is not loop:
             # A pool lives and dies with its event loop (its workers are that loop's tasks);
@@ -216,10 +230,7 @@ class PostgresDatabase(Database):
                 open=False,
             )
             await self._pool.open()
-        async with self._pool.connection() as conn:
-            cursor = await conn.execute(translate(sql), params or None)
-            row = await cursor.fetchone()
-        return None if row is None else tuple(row)
+        return self._pool
 
     async def aclose(self) -> None:
         if self._pool is not None:

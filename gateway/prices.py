@@ -70,9 +70,11 @@ _AT = (
 )
 
 
-_HISTORY_OF = (
-    "SELECT input_per_m, tool_per_m, output_per_m, model, effective_from FROM prices "
-    "WHERE model IN (?, ?) ORDER BY effective_from"
+# A model's price history and the default's, beside the configuration version (one row with
+# NULL prices when neither has any).
+_HISTORY_VERSIONED = (
+    "SELECT c.n, p.input_per_m, p.tool_per_m, p.output_per_m, p.model, p.effective_from "
+    "FROM config_version c LEFT JOIN prices p ON p.model IN (?, ?) ORDER BY p.effective_from"
 )
 
 
@@ -111,17 +113,22 @@ class PriceBook:
         """:meth:`at` for the request path: cached while the config version holds, else one
         read (never a blocking round trip on PostgreSQL). ``version``: the one the request's key
         was read under, so that key and price are judged under one configuration (else the
-        version now); the proxy starts a refused request over if it has moved since."""
+        version now, where it is in memory); the proxy starts a refused request over if it has
+        moved since. Without either, one read."""
         name = model or DEFAULT_MODEL
-        if self._version is None:
+        if version is None and self._version is not None:
+            version = self._version.current()
+        if version is None:
             row = await self._db.afetchone(_AT, [name, DEFAULT_MODEL, when, DEFAULT_MODEL])
             return Price(*row) if row else FREE
-        hit = self._cache.get(name, version if version is not None else self._version.current())
+        hit = self._cache.get(name, version)
         if hit is None:
-            read_under = self._version.current()  # before the rows, as for keys
-            rows = [Price(*row) for row in self._db.execute(_HISTORY_OF, [name, DEFAULT_MODEL]).fetchall()]
-            hit = ([p for p in rows if p.model == name], [p for p in rows if p.model == DEFAULT_MODEL])
-            self._cache.put(name, read_under, hit)
+            # The version and the rows in one statement: the entry is tagged with the version
+            # its rows belong to (PostgreSQL reads each statement from one snapshot).
+            rows = await self._db.afetchall(_HISTORY_VERSIONED, [name, DEFAULT_MODEL])
+            history = [Price(*row[1:]) for row in rows if row[1] is not None]
+            hit = ([p for p in history if p.model == name], [p for p in history if p.model == DEFAULT_MODEL])
+            self._cache.put(name, int(rows[0][0]), hit)
         own, default = hit
         return _in_force(own, when) or _in_force(default, when) or FREE
 

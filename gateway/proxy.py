@@ -229,7 +229,8 @@ class Proxy:
             if isinstance(result, Rejection) and result.limit in _HELD_LIMITS:
                 result, now = await self._beside_bounds(principal.key_id, limits, demand, result, now)
             if isinstance(result, Rejection):
-                if principal.version is not None and principal.version != self.config_version():
+                current = self.config_version()  # None where it is not in memory (PostgreSQL)
+                if principal.version is not None and current is not None and principal.version != current:
                     # Refused under limits or prices that changed since: decide again, afresh.
                     raise StaleConfiguration(raw_body)
                 windows = await self.quota.windows(principal.key_id, limits, now)
