@@ -325,7 +325,9 @@ class RedisQuota:
         timeout: float = 0.5,
         replica_timeout: float = 30.0,
         max_connections: int = 64,
+        pipelined: bool = True,
     ) -> None:
+        """``pipelined=False`` keeps every call on redis-py's client (bench/redis_calls.py compares)."""
         self._alive_ttl = max(1, round(replica_timeout))
         self.url = url
         self.fail_open = fail_open
@@ -349,7 +351,8 @@ class RedisQuota:
         self._redis = aioredis.Redis.from_pool(pool)
         # The scripts, on every request's path, go over one pipelined connection (resp.py):
         # redis-py's per-call cost was most of a request's quota cost. Other calls use the pool.
-        self._pipelined = client_for(url, timeout=timeout, client_name=f"gateway-{self.instance}")
+        name = f"gateway-{self.instance}"
+        self._pipelined = client_for(url, timeout=timeout, client_name=name) if pipelined else None
         self._reserve = self._script(_RESERVE)
         self._settle = self._script(_SETTLE)
         self._shrink = self._script(_SHRINK)

@@ -3,8 +3,9 @@
 Every admitted request with limits runs a script on Redis before it is forwarded (reserve) and
 one or two after (shrink, settle). Through redis-py's asyncio client (a pooled connection taken
 and given back, each argument encoded apart, a general reply parser) a reserve and settle pair
-cost the gateway 0.81 to 0.93 ms of CPU; here 0.29 to 0.44 ms. A call is one write and one
-future on a connection that carries many at once, answered in order, as Redis pipelining allows.
+cost the gateway 0.89 ms of CPU; here 0.37 ms, and 3.4 times the pairs per second with 64 in
+flight (``python -m bench.redis_calls``). A call is one write and one future on a connection
+that carries many at once, answered in order, as Redis pipelining allows.
 
 Errors are redis-py's exception classes, so a caller handles both clients alike. A call that
 has no answer within ``timeout`` fails with ``TimeoutError`` and closes the connection (its
