@@ -177,7 +177,8 @@ class LocalQuota:
         self, key_id: int, limits: Limits, demand: Demand, now: float, *, bound: bool = False
     ) -> Reservation | Rejection:
         # No await in here: on one event loop, check and reserve are a single atomic step.
-        # ``bound`` needs no record: the proxy knows the bounds its own process holds.
+        # ``bound`` needs no record (the proxy knows the bounds its own process holds), and no
+        # rate windows: the shrink that replaces the bound computes the ones the headers show.
         state = self._state(key_id, now)
         rejection = _check(state, limits, demand, now)
         if rejection is not None:
@@ -186,7 +187,8 @@ class LocalQuota:
         state.reserved_spend += demand.spend
         state.in_flight += 1
         state.requests.append(now)
-        return Reservation(key_id, demand, state.day, state.month, now, rate=_rate(state, limits, now))
+        rate = None if bound else _rate(state, limits, now)
+        return Reservation(key_id, demand, state.day, state.month, now, rate=rate)
 
     async def shrink(self, reservation: Reservation, limits: Limits, demand: Demand, now: float) -> None:
         """Hold ``demand`` instead of the reservation's larger one (the exact count replacing a
@@ -200,8 +202,7 @@ class LocalQuota:
         state.reserved_tokens -= held.tokens - tokens
         state.reserved_spend -= held.spend - spend
         reservation.demand = Demand(tokens, spend)
-        if reservation.rate is not None:
-            reservation.rate = _rate(state, limits, now)
+        reservation.rate = _rate(state, limits, now)
 
     def settle(self, reservation: Reservation, tokens: int, spend: int, now: float) -> None:
         """Replace the reservation by what was used (0 and 0 releases it). Idempotent."""

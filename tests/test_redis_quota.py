@@ -99,8 +99,9 @@ def test_decides_exactly_as_the_in_process_store(redis_server: RedisServer, pref
                 ), step
             else:
                 assert isinstance(got, Reservation)
-                # The rate-limit headers' windows, read by the reserve itself.
-                assert got.rate == expected.rate, step
+                # The rate-limit headers' windows, read by the reserve itself (a bound's come
+                # with its shrink: in process, the reserve leaves them out).
+                assert got.rate == expected.rate or (bound and expected.rate is None), step
                 held.append((expected, got))
                 if bound:
                     bounds.append((expected, got))
