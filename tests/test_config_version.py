@@ -175,21 +175,32 @@ def test_a_cached_key_follows_changes_made_by_another_process(
     asyncio.run(scenario())
 
 
+_MODELS = ["m", "n", DEFAULT_MODEL]
+
+
+def _set_a_price(other: PriceBook, rng: random.Random) -> None:
+    """A random price from another connection (the CLI), unless one is set at that moment."""
+    model, when = rng.choice(_MODELS), float(rng.randrange(0, 1000))
+    if not [p for p in other.history() if p.model == model and p.effective_from == when]:
+        other.set(model, Price(rng.randrange(100), rng.randrange(100), rng.randrange(100)), when)
+
+
+def _a_lookup(rng: random.Random) -> tuple[str | None, float]:
+    """A model (priced, the default, none, or unpriced) and a moment, before to after them all."""
+    return rng.choice([*_MODELS, None, "unpriced"]), float(rng.randrange(-10, 1100))
+
+
 def test_cached_prices_match_the_database_at_every_moment(sqlite_db: SQLiteDatabase, tmp_path: Any) -> None:
     cached = PriceBook(sqlite_db, version=ConfigVersion(sqlite_db))
     other = PriceBook(open_db(str(tmp_path / "gateway.db")))
     rng = random.Random(7)
-    models = ["m", "n", DEFAULT_MODEL]
 
     async def scenario() -> None:
         for _ in range(40):
-            model = rng.choice(models)
-            when = float(rng.randrange(0, 1000))
-            if not [p for p in other.history() if p.model == model and p.effective_from == when]:
-                other.set(model, Price(rng.randrange(100), rng.randrange(100), rng.randrange(100)), when)
+            _set_a_price(other, rng)
             await asyncio.sleep(0)
             for _ in range(25):
-                asked, at = rng.choice([*models, None, "unpriced"]), float(rng.randrange(-10, 1100))
+                asked, at = _a_lookup(rng)
                 assert await cached.price_at(asked, at) == other.at(asked, at), (asked, at)
 
     asyncio.run(scenario())
@@ -204,7 +215,6 @@ def test_on_postgresql_prices_cached_under_the_keys_version_match_the_database(d
     book = PriceBook(db)
     other = PriceBook(open_db(db_path))
     rng = random.Random(11)
-    models = ["m", "n", DEFAULT_MODEL]
     reads: list[int] = []
     read = db.afetchall
 
@@ -217,13 +227,10 @@ def test_on_postgresql_prices_cached_under_the_keys_version_match_the_database(d
 
     async def scenario() -> None:
         for _ in range(30):
-            model = rng.choice(models)
-            when = float(rng.randrange(0, 1000))
-            if not [p for p in other.history() if p.model == model and p.effective_from == when]:
-                other.set(model, Price(rng.randrange(100), rng.randrange(100), rng.randrange(100)), when)
+            _set_a_price(other, rng)
             for _ in range(10):
                 version = _version(other._db)  # as the key's statement reads it
-                name, at = rng.choice([*models, None, "unpriced"]), float(rng.randrange(-10, 1100))
+                name, at = _a_lookup(rng)
                 assert await book.price_at(name, at, version) == other.at(name, at), (name, at)
                 asked.append(1)
 
