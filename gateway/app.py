@@ -176,7 +176,7 @@ def create_app(
             log.warning(
                 "recovered %d request(s) left pending by a previous run (billed as estimates)", recovered
             )
-        ledger.start()
+        ledger.start(after_commit=version.refresh if version is not None else None)
         try:
             yield
         finally:

@@ -14,8 +14,9 @@ no system call and the interpreter lock kept. A read transaction instead takes f
 rereads pages after another connection's commit, and releases the interpreter lock to the
 ledger's writer thread while SQLite runs (measured under load: 15 to 20 µs per request). The
 header is copied before the version is read, so a commit landing in between costs one more read,
-never a stale version; the ledger's writer commits every few tens of milliseconds, so under load
-the version is read once per batch of requests.
+never a stale version. The ledger's writer commits every few tens of milliseconds, and reads the
+version the same way right after each commit, on its own thread (:meth:`ConfigVersion.refresh`):
+its commits, which change the header but never the version, cost the requests no read.
 
 Without a ``-shm`` file (an in-memory database, another journal mode) the version is read at
 most once per event-loop iteration. Every request is authenticated in an iteration that starts
@@ -32,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import mmap
 import os
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from gateway.db import Database, SQLiteDatabase
 
@@ -44,6 +45,7 @@ V = TypeVar("V")
 # The first copy of the WAL-index header: https://www.sqlite.org/walformat.html#the_wal_index_header
 # (a commit writes the second copy, then this one, so this one changing means the commit is done).
 WAL_INDEX_HEADER = 48
+_VERSION = "SELECT n FROM config_version"
 # Cache keys come from requests (key hashes, model names): past this many the cache starts over.
 CACHE_SIZE = 10_000
 
@@ -54,18 +56,21 @@ class ConfigVersion:
         self._memo: int | None = None
         self._index: mmap.mmap | None = None  # the WAL index, when the database is a file in WAL mode
         self._probed = False
-        self._stamp = b""  # the WAL-index header the version below was read under
-        self._version = 0
+        # The WAL-index header, and the version read after it was copied: one tuple, replaced
+        # whole, as the ledger's writer thread publishes one too (refresh).
+        self._seen: tuple[bytes, int] = (b"", 0)
 
     def current(self) -> int:
         """The version now: read afresh if the database may have changed since the last read."""
         index = self._index
         if index is not None:
             stamp = index[:WAL_INDEX_HEADER]
-            if stamp != self._stamp:
+            seen, version = self._seen
+            if stamp != seen:
                 # Read after the header: a commit in between makes the next call read again.
-                self._version, self._stamp = self._read(), stamp
-            return self._version
+                version = self._read()
+                self._seen = (stamp, version)
+            return version
         if self._memo is not None:
             return self._memo
         version = self._read()
@@ -82,8 +87,19 @@ class ConfigVersion:
         loop.call_soon(self._forget)
         return version
 
+    def refresh(self, conn: Any) -> None:
+        """Read the version on ``conn`` (another thread's connection to the same file, such as
+        the ledger writer's right after its commit), under the header copied before it, and keep
+        the pair for :meth:`current`. As safe as a read by current() itself: the version is
+        read after the header, so it is never older than the header says."""
+        index = self._index
+        if index is None:
+            return
+        stamp = index[:WAL_INDEX_HEADER]
+        self._seen = (stamp, int(conn.execute(_VERSION).fetchone()[0]))
+
     def _read(self) -> int:
-        return int(self._db.execute("SELECT n FROM config_version").fetchone()[0])
+        return int(self._db.execute(_VERSION).fetchone()[0])
 
     def _forget(self) -> None:
         self._memo = None

@@ -7,8 +7,10 @@ backend's usage afterwards; rows still pending when a gateway starts are marked 
 
 On SQLite the pending record is a line appended to the ledger's journal (:mod:`gateway.journal`,
 one system call, as durable as a commit here), and the request goes on at once; one writer
-thread puts rows into the database behind the requests, in batches: it wakes at the first
-operation, lets :data:`LINGER` seconds of them gather, and commits them together. A request
+thread puts rows into the database behind the requests, in batches: the event loop wakes it
+:data:`LINGER` seconds after a batch's first operation (a timer: a request never wakes a thread
+itself, nor hands it the interpreter while it waits for its backend), and it commits what
+gathered together. A request
 that settled within the batch is inserted settled (one row written, not written and updated). A
 process killed within that moment leaves its pending rows in the journal and its settlements
 unwritten: the next start replays the journal, and recovers those rows like any other.
@@ -152,6 +154,12 @@ class Ledger:
         self._postgres = is_postgres(target)
         self.instance = instance or uuid.uuid4().hex[:16]
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # SQLite: the writer thread sleeps on _wake; the loop puts None there LINGER after a
+        # batch's first operation (_armed while that timer is set; both touched on the loop only).
+        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._armed = False
+        self._loop_thread: int | None = None
+        self._after_commit: Callable[[Any], None] | None = None
         self._aqueue: asyncio.Queue[Any] | None = None
         self._thread: threading.Thread | None = None
         self._task: asyncio.Task[None] | None = None
@@ -202,8 +210,12 @@ class Ledger:
             log.warning("replayed %d pending row(s) from the ledger's journal", missing)
         return missing
 
-    def start(self) -> None:
+    def start(self, *, after_commit: Callable[[Any], None] | None = None) -> None:
+        """Start the writer. SQLite: ``after_commit`` runs on the writer thread after each of
+        its commits, with its connection (the configuration version reads itself there)."""
+        self._after_commit = after_commit
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         if self._postgres:
             from gateway.postgres import POSTGRES
 
@@ -224,8 +236,26 @@ class Ledger:
     def _put(self, op: Any) -> None:
         if self._aqueue is not None:
             self._aqueue.put_nowait(op)
-        else:
-            self._queue.put(op)
+            return
+        self._queue.put(op)  # nobody sleeps on this queue: no system call, no thread woken
+        if op is _STOP or op[2] is not None:
+            self._wake.put(None)  # somebody waits for this commit, or for the writer to stop
+        elif not self._armed:
+            self._arm()
+
+    def _arm(self) -> None:
+        """Wake the writer LINGER seconds from now, from the event loop: the operations that
+        arrive meanwhile share its commit."""
+        loop = self._loop
+        if loop is None or threading.get_ident() != self._loop_thread or loop.is_closed():
+            self._wake.put(None)  # not on the loop (or none left to keep a timer): at once
+            return
+        self._armed = True
+        loop.call_later(LINGER, self._kick)
+
+    def _kick(self) -> None:
+        self._armed = False
+        self._wake.put(None)
 
     async def pending(self, row: PendingRow) -> None:
         """Make the pending row durable: journaled (SQLite), or committed (no journal, PostgreSQL).
@@ -239,7 +269,7 @@ class Ledger:
             except OSError as exc:
                 log.error("cannot journal a pending row: %s", exc)
                 raise LedgerUnavailable("The usage ledger is unavailable; retry shortly.") from exc
-            self._queue.put((_INSERT, params, None, segment))
+            self._put((_INSERT, params, None, segment))
             return
         future: asyncio.Future[None] = self._loop.create_future()
         self._put((_INSERT, params, future) if self._postgres else (_INSERT, params, future, None))
@@ -268,26 +298,28 @@ class Ledger:
         conn = db.conn
         stop = False
         while not stop:
-            batch = [self._queue.get()]
-            if self._journal is not None and batch[0] is not _STOP:
-                # Nobody waits for this commit: let the batch gather (and the event loop's puts
-                # find no sleeping thread to wake).
-                time.sleep(LINGER)
-            self._drain(batch)
-            if self._journal is None and all(op is not _STOP and op[2] is None for op in batch):
-                # Settlements alone: wait a little for a pending row to share their commit.
-                try:
-                    batch.append(self._queue.get(timeout=LINGER))
-                except queue.Empty:
-                    pass
-                else:
-                    self._drain(batch)
-            if _STOP in batch:
-                stop = True
-                batch = [op for op in batch if op is not _STOP]
-            if batch:
-                self._write(conn, _coalesce(batch))
+            self._wake.get()  # a batch has gathered, somebody waits for a commit, or close()
+            full = True
+            while full and not stop:
+                batch: list[Any] = []
+                self._drain(batch)
+                # A full batch leaves a backlog: drain on. Else what arrives from now on (even
+                # during this commit) has a timer of its own set on the loop: it waits for that.
+                full = len(batch) >= MAX_BATCH
+                if _STOP in batch:
+                    stop = True
+                    batch = [op for op in batch if op is not _STOP]
+                if batch:
+                    self._write(conn, _coalesce(batch))
+                    self._committed(conn)
         conn.close()
+
+    def _committed(self, conn: Any) -> None:
+        if self._after_commit is not None:
+            try:
+                self._after_commit(conn)
+            except Exception as exc:  # the hook only saves readers work: never stop the writer
+                log.warning("after a ledger commit: %s", exc)
 
     def _drain(self, batch: list[Any]) -> None:
         while len(batch) < MAX_BATCH:

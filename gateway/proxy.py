@@ -268,8 +268,8 @@ class Proxy:
                 # Counting overlaps the backend's work: it runs once the request is on its way.
                 if hold is not None and reservation is not None and price is not None:
                     exact = functools.partial(_demand, size=len(raw_body), max_out=max_out, price=price)
-                    counting = asyncio.create_task(
-                        self._count_and_shrink(to_count, reservation, limits, exact, hold)
+                    counting = hold.get_loop().create_task(  # (no getpid(), as get_running_loop costs)
+                        self._count_and_shrink(to_count, reservation, limits, exact, hold, rate_headers)
                     )
                 else:
                     counting = asyncio.create_task(self._count(*to_count))
@@ -283,8 +283,6 @@ class Proxy:
                 meter = _Metering(await counting, bool(to_count and to_count[2]))
             if hold is not None and reservation is not None:
                 settlement.reserved_tokens = reservation.demand.tokens
-                if reservation.rate is not None:
-                    rate_headers = rate_limit_headers(reservation.rate, time.time())
             settlement.upstream_ms = (time.perf_counter() - t0) * 1000
             headers, content_type = response_headers(response.raw_headers)
             headers += (id_header, *rate_headers)
@@ -394,14 +392,20 @@ class Proxy:
         limits: Limits,
         exact: Callable[[Accounting | None], Demand],
         hold: asyncio.Future[None],
+        rate_headers: list[tuple[bytes, bytes]],
     ) -> Accounting | None:
-        """The count, and the reservation's bound traded for the demand the count gives."""
+        """The count, and the reservation's bound traded for the demand the count gives; fills
+        ``rate_headers`` from the windows the trade leaves. They are built here, while the backend
+        works, as a request without a bound builds them at its reservation: not after the answer."""
         counted = await self._count(*to_count)
         assert self._shrink is not None
         try:
-            await self._shrink(reservation, limits, exact(counted), time.time())
+            now = time.time()
+            await self._shrink(reservation, limits, exact(counted), now)
         finally:
             self._release(reservation.key_id, hold)
+        if reservation.rate is not None:
+            rate_headers.extend(rate_limit_headers(reservation.rate, now))
         return counted
 
     async def _count(self, model: str, messages: Any, tools: Any, size: int) -> Accounting | None:

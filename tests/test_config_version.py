@@ -121,6 +121,56 @@ def test_the_version_follows_every_commit_through_checkpoints_and_wal_restarts(
         assert version.current() == _version(other), i
 
 
+def test_a_version_another_thread_read_after_its_commit_saves_the_requests_a_read(
+    sqlite_db: SQLiteDatabase, tmp_path: Any
+) -> None:
+    """The ledger's writer refreshes the version on its own connection after each commit: its
+    commits then cost current() no read. A change after a refresh is still seen at once."""
+    writer = open_db(str(tmp_path / "gateway.db"))  # the writer thread's connection
+    assert isinstance(writer, SQLiteDatabase)
+    version = ConfigVersion(sqlite_db)
+    version.current()
+    reads = _Reads(sqlite_db)
+    writer.execute("INSERT INTO meta VALUES ('a', 'b')")  # a ledger commit
+    version.refresh(writer.conn)
+    assert version.current() == _version(writer)
+    assert reads.take() == []
+    PlanStore(writer).create("gold", {"rpm": 10})  # a change after the refresh: read afresh
+    assert version.current() == _version(writer)
+    assert reads.take() == ["SELECT n FROM config_version"]
+
+
+def test_refreshes_from_another_connection_never_leave_a_stale_version(
+    sqlite_db: SQLiteDatabase, tmp_path: Any
+) -> None:
+    """Commits, checkpoints and refreshes on other connections in random order, some refreshes
+    published late (after further commits): current() must equal the database's version always."""
+    version = ConfigVersion(sqlite_db)
+    version.current()
+    writer, other = open_db(str(tmp_path / "gateway.db")), open_db(str(tmp_path / "gateway.db"))
+    assert isinstance(writer, SQLiteDatabase)
+    prices = PriceBook(other)
+    rng = random.Random(5)
+    late: list[tuple[bytes, int]] = []
+
+    def refresh_late(i: int) -> None:  # read now, published after the next steps
+        version.refresh(writer.conn)
+        late.append(version._seen)
+
+    steps = [
+        lambda i: writer.execute("INSERT INTO meta VALUES (?, 'x')", [f"n{i}"]),
+        lambda i: version.refresh(writer.conn),
+        refresh_late,
+        lambda i: setattr(version, "_seen", late.pop(0)) if late else None,
+        lambda i: prices.set("m", Price(i, 0, 0), effective_from=float(i)),
+        lambda i: other.execute("UPDATE config_version SET n = n + 1"),
+        lambda i: other.execute("PRAGMA wal_checkpoint(RESTART)"),
+    ]
+    for i in range(400):
+        rng.choice(steps)(i)
+        assert version.current() == _version(other), i
+
+
 def test_without_a_wal_index_the_version_is_read_once_per_event_loop_iteration() -> None:
     db = open_db(":memory:")
     version = ConfigVersion(db)

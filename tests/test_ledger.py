@@ -2,9 +2,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import os
+import queue
 import random
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +16,7 @@ import pytest
 
 from gateway import journal
 from gateway.db import SQLITE, is_postgres, open_db
-from gateway.ledger import Ledger, PendingRow, Settlement
+from gateway.ledger import LINGER, Ledger, PendingRow, Settlement
 from tests.conftest import ENGINES, ledger_rows
 
 
@@ -195,6 +198,103 @@ def test_sequential_requests_share_commits(db_path: str) -> None:
     assert {r["state"] for r in ledger_rows(db_path)} == {"settled"}
     db = open_db(db_path)
     assert db.execute("SELECT sum(requests), sum(input_tokens) FROM usage_daily").fetchone() == (20, 20)
+
+
+class _Wakes(queue.SimpleQueue[None]):
+    """The writer's wake-ups, with the thread each came from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+
+    def put(self, item: None, block: bool = True, timeout: float | None = None) -> None:
+        self.threads.append(threading.get_ident())
+        super().put(item)
+
+
+@pytest.mark.parametrize("engine", ["sqlite"])
+def test_a_request_never_wakes_the_writer_the_event_loop_does_once_per_batch(db_path: str) -> None:
+    """pending and settle only queue: LINGER after a batch's first operation a timer on the event
+    loop wakes the writer, so no request makes a system call to wake a thread, nor hands the
+    interpreter to it while it waits for its backend. The batch commits without another call."""
+
+    async def run() -> tuple[list[float], list[int], int, float]:
+        await _with_key(db_path)
+        commits: list[float] = []
+        committed = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_commit(seconds: float, n: int) -> None:
+            commits.append(time.monotonic())
+            loop.call_soon_threadsafe(committed.set)
+
+        ledger = Ledger(db_path, on_commit=on_commit)
+        wakes = ledger._wake = _Wakes()
+        ledger.start()
+        first = time.monotonic()
+        for i in range(10):
+            await ledger.pending(_row(i))
+            ledger.settle(Settlement(f"req_{i}", 200, prompt_tokens=1))
+        assert wakes.threads == [] and commits == []  # ten requests in: nothing woken yet
+        await asyncio.wait_for(committed.wait(), 5)
+        woken = list(wakes.threads)
+        await ledger.close()
+        return commits, woken, threading.get_ident(), first
+
+    commits, woken, loop_thread, first = asyncio.run(run())
+    assert woken == [loop_thread]  # one wake, from the loop's timer
+    assert commits[0] - first >= LINGER * 0.9
+    assert {r["state"] for r in ledger_rows(db_path)} == {"settled"}
+
+
+@pytest.mark.parametrize("engine", ["sqlite"])
+def test_under_steady_traffic_commits_stay_linger_apart(db_path: str) -> None:
+    """Operations keep arriving while the writer commits (each commit takes 5 ms here): they
+    wait for the next timer, not for the commit to end, so commits stay about LINGER apart
+    instead of a small one following each."""
+
+    async def run() -> list[float]:
+        await _with_key(db_path)
+        commits: list[float] = []
+
+        def on_commit(seconds: float, n: int) -> None:
+            commits.append(time.monotonic())
+            time.sleep(0.005)  # a slow disk: the loop goes on queueing meanwhile
+
+        ledger = Ledger(db_path, on_commit=on_commit)
+        ledger.start()
+        for i in range(150):
+            await ledger.pending(_row(i))
+            ledger.settle(Settlement(f"req_{i}", 200, prompt_tokens=1))
+            await asyncio.sleep(0.001)
+        await ledger.close()
+        return commits
+
+    commits = asyncio.run(run())
+    apart = [b - a for a, b in itertools.pairwise(commits[:-1])]  # the last: close()'s own
+    assert len(apart) >= 3, apart
+    assert len([gap for gap in apart if gap < LINGER / 2]) <= 1, apart  # one hiccup at most
+
+
+@pytest.mark.parametrize("engine", ["sqlite"])
+def test_after_commit_runs_on_the_writer_thread_with_its_connection(db_path: str) -> None:
+    seen: list[tuple[int, int]] = []
+
+    def after(conn: Any) -> None:  # what the commit wrote is visible on the connection given
+        seen.append((threading.get_ident(), conn.execute("SELECT count(*) FROM requests").fetchone()[0]))
+
+    async def run() -> int:
+        await _with_key(db_path)
+        ledger = Ledger(db_path)
+        ledger.start(after_commit=after)
+        for i in range(3):
+            await ledger.pending(_row(i))
+        await ledger.close()
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(run())
+    assert seen and seen[-1][1] == 3
+    assert all(thread != loop_thread for thread, _ in seen)
 
 
 def _ops(rng: random.Random, n: int) -> list[Any]:
