@@ -93,8 +93,8 @@ class ConfigVersion:
         the pair for :meth:`current`. As safe as a read by current() itself: the version is
         read after the header, so it is never older than the header says."""
         index = self._index
-        if index is None:
-            return
+        if index is None or conn.in_transaction:
+            return  # (inside a transaction the read would see its snapshot, perhaps older)
         stamp = index[:WAL_INDEX_HEADER]
         self._seen = (stamp, int(conn.execute(_VERSION).fetchone()[0]))
 

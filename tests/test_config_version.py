@@ -140,6 +140,23 @@ def test_a_version_another_thread_read_after_its_commit_saves_the_requests_a_rea
     assert reads.take() == ["SELECT n FROM config_version"]
 
 
+def test_a_refresh_inside_an_open_transaction_publishes_nothing(
+    sqlite_db: SQLiteDatabase, tmp_path: Any
+) -> None:
+    """A connection inside a transaction reads its snapshot: a version from there under the
+    header of now could be older than the header says."""
+    writer, other = open_db(str(tmp_path / "gateway.db")), open_db(str(tmp_path / "gateway.db"))
+    assert isinstance(writer, SQLiteDatabase)
+    version = ConfigVersion(sqlite_db)
+    version.current()
+    writer.execute("BEGIN")
+    _version(writer)  # the snapshot is taken
+    PlanStore(other).create("gold", {"rpm": 10})
+    version.refresh(writer.conn)
+    writer.execute("COMMIT")
+    assert version.current() == _version(other)
+
+
 def test_refreshes_from_another_connection_never_leave_a_stale_version(
     sqlite_db: SQLiteDatabase, tmp_path: Any
 ) -> None:
