@@ -53,12 +53,16 @@ class ServerThread:
         self.sock.close()
 
 
+class _PortTaken(RuntimeError):
+    """The port chosen for a server was taken before the server bound it."""
+
+
 class GatewayProcess:
     """``gateway serve`` as an operator runs it: a separate process, killable for real."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
-        self.port = free_port()
-        self.args = [sys.executable, "-m", "gateway", "serve", "--port", str(self.port), *args]
+        self.extra = args
+        self._pick_port()
         self.env = {**os.environ, **(env or {})}
         self.cwd = cwd
         self.proc: subprocess.Popen[str] | None = None
@@ -76,7 +80,22 @@ class GatewayProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def _pick_port(self) -> None:
+        self.port = free_port()
+        self.args = [sys.executable, "-m", "gateway", "serve", "--port", str(self.port), *self.extra]
+
     def start(self, timeout: float = 30) -> GatewayProcess:
+        for _ in range(3):
+            try:
+                return self._start(timeout)
+            except _PortTaken:
+                # free_port() let the port go before the gateway bound it, and another socket
+                # (any process's connection, or the demo's own emulator) was given it meanwhile.
+                self.lines = []
+                self._pick_port()
+        return self._start(timeout)
+
+    def _start(self, timeout: float) -> GatewayProcess:
         self.proc = subprocess.Popen(
             self.args, env=self.env, cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
@@ -86,6 +105,8 @@ class GatewayProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.reader.join(timeout=5)
+                if "address already in use" in self.output():
+                    raise _PortTaken(self.output())
                 raise RuntimeError(f"gateway exited early:\n{self.output()}")
             try:
                 if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -248,6 +249,22 @@ def test_killed_gateway_loses_no_forwarded_request(tmp_path: Path, emulator: Ser
     # No max_tokens in the request: the default cap (1024) stands in for the unknown output.
     assert row["prompt_tokens"] > 0 and row["completion_tokens"] == 1024
     assert row["cost_micros"] == (row["prompt_tokens"] * 1_000_000 + 1024 * 2_000_000 + 500_000) // 1_000_000
+
+
+def test_a_port_taken_before_the_gateway_binds_it_is_traded_for_another(tmp_path: Path) -> None:
+    """The harness's own race: free_port() lets the port go, and any socket may get it before
+    the gateway binds it (one did, once, in CI). The gateway is started again on another."""
+    server = GatewayProcess("--db", str(tmp_path / "gateway.db"), cwd=tmp_path)
+    taken = server.port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        server.start()
+        try:
+            assert server.port != taken
+            assert httpx.get(server.url + "/healthz").status_code == 200
+        finally:
+            server.stop()
 
 
 def test_demo_mode_serves_the_emulator_and_prints_a_working_key(tmp_path: Path) -> None:
