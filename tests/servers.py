@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -138,8 +139,8 @@ class EmulatorProcess:
     """``gateway emulator`` in its own process, ready when the context is entered."""
 
     def __init__(self, *args: str, timeout: float = 60) -> None:
-        self.port = free_port()
-        self.args = [sys.executable, "-m", "gateway", "emulator", "--port", str(self.port), *args]
+        self.extra = args
+        self._pick_port()
         self.timeout = timeout
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -147,18 +148,37 @@ class EmulatorProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def _pick_port(self) -> None:
+        self.port = free_port()
+        self.args = [sys.executable, "-m", "gateway", "emulator", "--port", str(self.port), *self.extra]
+
     def __enter__(self) -> EmulatorProcess:
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + self.timeout
-        while True:
+        for _ in range(3):
             try:
-                httpx.get(self.url + "/v1/models", timeout=1)
-                return self
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.__exit__()
-                    raise RuntimeError("the emulator did not start") from None
-                time.sleep(0.1)
+                return self._start()
+            except _PortTaken:  # as in GatewayProcess.start
+                self._pick_port()
+        return self._start()
+
+    def _start(self) -> EmulatorProcess:
+        # Its log goes to a file, not a pipe nobody reads (a full pipe would stall the emulator);
+        # the process keeps writing to it after this handle is closed.
+        with tempfile.TemporaryFile() as log:
+            self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=log)
+            deadline = time.monotonic() + self.timeout
+            while True:
+                try:
+                    httpx.get(self.url + "/v1/models", timeout=1)
+                    return self
+                except httpx.HTTPError:
+                    if time.monotonic() > deadline or self.proc.poll() is not None:
+                        self.__exit__()
+                        log.seek(0)
+                        output = log.read().decode(errors="replace")
+                        if "address already in use" in output:
+                            raise _PortTaken(output) from None
+                        raise RuntimeError(f"the emulator did not start:\n{output[-2000:]}") from None
+                    time.sleep(0.1)
 
     def __exit__(self, *exc: Any) -> None:
         if self.proc is not None and self.proc.poll() is None:

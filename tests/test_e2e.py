@@ -18,7 +18,7 @@ import pytest
 from gateway.emulator.app import create_emulator_app
 from gateway.journal import Journal
 from tests.conftest import SEED_MESSAGES, SEED_MODEL, SEED_TOOLS, ledger_rows, settled_rows
-from tests.servers import GatewayProcess, ServerThread
+from tests.servers import EmulatorProcess, GatewayProcess, ServerThread
 
 pytestmark = pytest.mark.e2e
 
@@ -265,6 +265,17 @@ def test_a_port_taken_before_the_gateway_binds_it_is_traded_for_another(tmp_path
             assert httpx.get(server.url + "/healthz").status_code == 200
         finally:
             server.stop()
+
+
+def test_a_port_taken_before_the_emulator_binds_it_is_traded_for_another() -> None:
+    emulator = EmulatorProcess()
+    taken = emulator.port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        with emulator:
+            assert emulator.port != taken
+            assert httpx.get(emulator.url + "/v1/models").status_code == 200
 
 
 def test_demo_mode_serves_the_emulator_and_prints_a_working_key(tmp_path: Path) -> None:
