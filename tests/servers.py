@@ -9,8 +9,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import uvicorn
@@ -58,6 +59,21 @@ class _PortTaken(RuntimeError):
     """The port chosen for a server was taken before the server bound it."""
 
 
+T = TypeVar("T")
+
+
+def _on_a_port_of_its_own(start: Callable[[], T], repick: Callable[[], None]) -> T:
+    """``start()``, again on another port (``repick()``) while the one chosen was taken: free_port()
+    lets a port go before the server binds it, and any socket may be given it meanwhile (another
+    process's connection, or demo mode's own emulator)."""
+    for _ in range(3):
+        try:
+            return start()
+        except _PortTaken:
+            repick()
+    return start()
+
+
 class GatewayProcess:
     """``gateway serve`` as an operator runs it: a separate process, killable for real."""
 
@@ -67,7 +83,6 @@ class GatewayProcess:
         self.env = {**os.environ, **(env or {})}
         self.cwd = cwd
         self.proc: subprocess.Popen[str] | None = None
-        self.lines: list[str] = []
 
     def output(self) -> str:
         return "".join(self.lines)
@@ -84,17 +99,10 @@ class GatewayProcess:
     def _pick_port(self) -> None:
         self.port = free_port()
         self.args = [sys.executable, "-m", "gateway", "serve", "--port", str(self.port), *self.extra]
+        self.lines: list[str] = []  # (a retry's output starts afresh)
 
     def start(self, timeout: float = 30) -> GatewayProcess:
-        for _ in range(3):
-            try:
-                return self._start(timeout)
-            except _PortTaken:
-                # free_port() let the port go before the gateway bound it, and another socket
-                # (any process's connection, or the demo's own emulator) was given it meanwhile.
-                self.lines = []
-                self._pick_port()
-        return self._start(timeout)
+        return _on_a_port_of_its_own(lambda: self._start(timeout), self._pick_port)
 
     def _start(self, timeout: float) -> GatewayProcess:
         self.proc = subprocess.Popen(
@@ -153,12 +161,7 @@ class EmulatorProcess:
         self.args = [sys.executable, "-m", "gateway", "emulator", "--port", str(self.port), *self.extra]
 
     def __enter__(self) -> EmulatorProcess:
-        for _ in range(3):
-            try:
-                return self._start()
-            except _PortTaken:  # as in GatewayProcess.start
-                self._pick_port()
-        return self._start()
+        return _on_a_port_of_its_own(self._start, self._pick_port)
 
     def _start(self) -> EmulatorProcess:
         # Its log goes to a file, not a pipe nobody reads (a full pipe would stall the emulator);
