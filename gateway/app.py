@@ -92,6 +92,9 @@ class _Holder:
         assert self.keys is not None, "the app's lifespan has not started"
         return await self.keys.authenticate(key)
 
+    def cached_principal(self, key: str) -> Principal | None:
+        return self.keys.cached(key) if self.keys is not None else None
+
     def price_book(self) -> PriceBook:
         assert self.prices is not None, "the app's lifespan has not started"
         return self.prices
@@ -105,6 +108,9 @@ class _Holder:
     async def price(self, model: str | None, when: float, version: int | None = None) -> Price:
         assert self.prices is not None, "the app's lifespan has not started"
         return await self.prices.price_at(model, when, version)
+
+    def cached_price(self, model: str | None, when: float, version: int | None = None) -> Price | None:
+        return self.prices.cached_at(model, when, version) if self.prices is not None else None
 
 
 def create_app(
@@ -149,6 +155,7 @@ def create_app(
         metrics=metrics,
         quota=quota,
         prices=holder.price,
+        cached_price=holder.cached_price,
         default_max_tokens=settings.default_max_tokens,
         backend_counts_tools=settings.backend_counts_tools,
         emulate_tool_streams=settings.emulate_tool_streams,
@@ -217,7 +224,12 @@ def create_app(
     app.add_middleware(AuthMiddleware, authenticate=holder.authenticate)
     app.add_middleware(AdminAuthMiddleware, token=settings.admin_token, authenticate=holder.authenticate)
     fast: dict[tuple[str, str], ASGIApp] = {
-        (method, path): AuthMiddleware(proxy.endpoint(spec), authenticate=holder.authenticate)
+        (method, path): AuthMiddleware(
+            # The handler itself, not the router's adapter: one coroutine fewer at every step.
+            functools.partial(proxy.handle, spec),
+            authenticate=holder.authenticate,
+            cached=holder.cached_principal,
+        )
         for path, spec, method in PROXY_ROUTES
         if "{" not in path
     }

@@ -46,9 +46,12 @@ class AuthMiddleware:
         *,
         authenticate: Authenticate,
         prefixes: tuple[str, ...] = ("/v1/",),
+        cached: Callable[[str], Principal | None] = lambda key: None,
     ) -> None:
+        """``cached``: what ``authenticate`` would answer from memory, or None (then it is asked)."""
         self.app = app
         self.authenticate = authenticate
+        self.cached = cached
         self.prefixes = prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -69,7 +72,7 @@ class AuthMiddleware:
         key = key.strip()
         bearer = scheme.lower() == "bearer"
         for _ in range(MAX_RESTARTS + 1):
-            principal = await self.authenticate(key) if bearer else None
+            principal = (self.cached(key) or await self.authenticate(key)) if bearer else None
             if principal is None:
                 await send_error(
                     send,

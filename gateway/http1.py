@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httptools
@@ -373,9 +373,16 @@ class Http1Transport(httpx.AsyncBaseTransport):
         return _Target(parsed)
 
     async def send(
-        self, method: str, url: Any, headers: RawHeaders, body: bytes | None, timeouts: dict[str, Any]
+        self,
+        method: str,
+        url: Any,
+        headers: RawHeaders,
+        body: bytes | None,
+        timeouts: dict[str, Any],
+        sent: Callable[[], None] | None = None,
     ) -> Any:
-        answer = await self._exchange(method, url, headers, body, timeouts)
+        """``sent`` is called right after the request is written (see :class:`gateway.upstream.Upstream`)."""
+        answer = await self._exchange(method, url, headers, body, timeouts, sent)
         if not isinstance(answer, _Answer):
             return answer
         for name, value in answer.raw_headers:
@@ -389,14 +396,20 @@ class Http1Transport(httpx.AsyncBaseTransport):
         return answer
 
     async def _exchange(
-        self, method: str, url: Any, headers: RawHeaders, body: bytes | None, timeouts: dict[str, Any]
+        self,
+        method: str,
+        url: Any,
+        headers: RawHeaders,
+        body: bytes | None,
+        timeouts: dict[str, Any],
+        sent: Callable[[], None] | None = None,
     ) -> Any:
         """The answer as sent (:class:`_Answer`), or aiohttp's pool's for what it handles."""
         target = self.url(url) if isinstance(url, str) else url
         if not isinstance(target, _Target) or method == "HEAD":
             # TLS, credentials, and HEAD (whose answer has a length but no body): aiohttp's pool.
             plain = target.url if isinstance(target, _Target) else target
-            return await self._aiohttp().send(method, plain, headers, body, timeouts)
+            return await self._aiohttp().send(method, plain, headers, body, timeouts, sent)
         conn = await self._acquire(target.address, timeouts)
         loop = asyncio.get_running_loop()
         answer = _Answer(conn, loop, timeouts.get("read"))
@@ -414,6 +427,8 @@ class Http1Transport(httpx.AsyncBaseTransport):
         unsent = conn.transport.get_write_buffer_size()
         if unsent and timeouts.get("write") is not None:
             _watch_write(conn, answer, timeouts["write"], unsent)
+        if sent is not None:
+            sent()  # the caller's work that needs the request on its way, not yet its answer
         try:
             await answer.head()
         except BaseException:

@@ -204,6 +204,12 @@ class KeyStore:
     def list(self) -> list[KeyInfo]:
         return [_info(row) for row in self._db.execute(_SELECT + _FROM + " ORDER BY k.id").fetchall()]
 
+    def cached(self, key: str) -> Principal | None:
+        """The principal :meth:`authenticate` would give from memory, without a coroutine (the
+        request path's usual case); None when it would have to read (or cannot keep it)."""
+        version = self._version
+        return None if version is None else self._cache.get(key, version.current())
+
     async def authenticate(self, key: str) -> Principal | None:
         """The active key's principal, or None. Malformed keys never reach the database."""
         if self._version is not None:

@@ -261,19 +261,29 @@ class Ledger:
         """Make the pending row durable: journaled (SQLite), or committed (no journal, PostgreSQL).
 
         Raises :class:`LedgerUnavailable` if it cannot be: the request must not be forwarded."""
+        if self.pending_now(row):
+            return
         assert self._loop is not None, "Ledger.start() was not called"
         params = pending_params(row, self.instance)
-        if self._journal is not None:
-            try:
-                segment = self._journal.append(params)
-            except OSError as exc:
-                log.error("cannot journal a pending row: %s", exc)
-                raise LedgerUnavailable("The usage ledger is unavailable; retry shortly.") from exc
-            self._put((_INSERT, params, None, segment))
-            return
         future: asyncio.Future[None] = self._loop.create_future()
         self._put((_INSERT, params, future) if self._postgres else (_INSERT, params, future, None))
         await future
+
+    def pending_now(self, row: PendingRow) -> bool:
+        """:meth:`pending` where a journal makes the row durable at once, without a coroutine
+        (the request path's usual case): True once it is; False, having done nothing, where
+        only a commit can (then await :meth:`pending`). Raises as :meth:`pending` does."""
+        if self._journal is None:
+            return False
+        assert self._loop is not None, "Ledger.start() was not called"
+        params = pending_params(row, self.instance)
+        try:
+            segment = self._journal.append(params)
+        except OSError as exc:
+            log.error("cannot journal a pending row: %s", exc)
+            raise LedgerUnavailable("The usage ledger is unavailable; retry shortly.") from exc
+        self._put((_INSERT, params, None, segment))
+        return True
 
     def settle(self, s: Settlement) -> None:
         """Queue the settlement; never blocks and never raises (safe in ``finally`` and on cancel)."""

@@ -9,9 +9,8 @@ integer micro-units of the operator's currency (1 unit = 1,000,000 micro-units),
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -36,6 +35,16 @@ class Limits:
     rpm: int | None = None
     tpm: int | None = None
     max_concurrent: int | None = None
+    # Read on every request, and a key's limits outlive many: worked out once, here.
+    any: bool = field(init=False, repr=False, compare=False)
+    # Whether a reservation needs the request's token count (token or spend budgets).
+    budgets_tokens: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        values = [getattr(self, n) for n in LIMIT_NAMES]
+        object.__setattr__(self, "any", any(v is not None for v in values))
+        budgets = (self.tokens_per_day, self.tokens_per_month, self.spend_per_month, self.tpm)
+        object.__setattr__(self, "budgets_tokens", any(v is not None for v in budgets))
 
     def over(self, base: Limits) -> Limits:
         """These limits where set, ``base``'s elsewhere."""
@@ -43,20 +52,8 @@ class Limits:
             **{n: getattr(self, n) if getattr(self, n) is not None else getattr(base, n) for n in LIMIT_NAMES}
         )
 
-    @property
-    def any(self) -> bool:
-        return any(getattr(self, n) is not None for n in LIMIT_NAMES)
-
-    @property
-    def budgets_tokens(self) -> bool:
-        """Whether a reservation needs the request's token count (token or spend budgets)."""
-        return any(
-            v is not None
-            for v in (self.tokens_per_day, self.tokens_per_month, self.spend_per_month, self.tpm)
-        )
-
     def as_dict(self) -> dict[str, int | None]:
-        return dataclasses.asdict(self)
+        return {n: getattr(self, n) for n in LIMIT_NAMES}
 
 
 NO_LIMITS = Limits()

@@ -109,6 +109,19 @@ class PriceBook:
         row = self._db.execute(_AT, [model or DEFAULT_MODEL, DEFAULT_MODEL, when, DEFAULT_MODEL]).fetchone()
         return Price(*row) if row else FREE
 
+    def cached_at(self, model: str | None, when: float, version: int | None = None) -> Price | None:
+        """What :meth:`price_at` would answer from memory, without a coroutine (the request
+        path's usual case); None where it would have to read."""
+        if version is None:
+            if self._version is None:
+                return None
+            version = self._version.current()
+        hit = self._cache.get(model or DEFAULT_MODEL, version)
+        if hit is None:
+            return None
+        own, default = hit
+        return _in_force(own, when) or _in_force(default, when) or FREE
+
     async def price_at(self, model: str | None, when: float, version: int | None = None) -> Price:
         """:meth:`at` for the request path: cached while the config version holds, else one
         read (never a blocking round trip on PostgreSQL). ``version``: the one the request's key

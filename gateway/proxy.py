@@ -79,6 +79,7 @@ class Proxy:
         metrics: Metrics,
         quota: QuotaStore,
         prices: Callable[[str | None, float, int | None], Awaitable[Price]],
+        cached_price: Callable[[str | None, float, int | None], Price | None] = lambda *_: None,
         default_max_tokens: int = 1024,
         backend_counts_tools: bool = True,
         emulate_tool_streams: bool = True,
@@ -97,6 +98,7 @@ class Proxy:
         self.metrics = metrics
         self.quota = quota
         self.prices = prices
+        self.cached_price = cached_price  # what prices() would answer from memory, else None
         self.default_max_tokens = default_max_tokens
         self.ledger = ledger
         self.accountant = accountant
@@ -111,6 +113,7 @@ class Proxy:
             quota, "shrink", None
         )
         self._holds: dict[int, set[asyncio.Future[None]]] = {}  # key id -> bounds held while counting
+        self._reserve_now: Callable[..., Reservation | Rejection] | None = getattr(quota, "reserve_now", None)
 
     def endpoint(self, spec: RouteSpec) -> _Endpoint:
         return _Endpoint(self, spec)
@@ -182,7 +185,11 @@ class Proxy:
             modified = strip_usage = _ask_for_stream_usage(payload)
 
         limits = principal.limits
-        price = await self.prices(model, started_at, principal.version) if method == "POST" else None
+        price: Price | None = None
+        if method == "POST":
+            price = self.cached_price(model, started_at, principal.version)
+            if price is None:
+                price = await self.prices(model, started_at, principal.version)
         demand = Demand(0, 0)
         counted: Accounting | None = None
         bound: int | None = None  # held instead of the count while the count runs beside the backend
@@ -217,7 +224,12 @@ class Proxy:
         hold: asyncio.Future[None] | None = None
         if limits.any:
             now = time.time()
-            result = await self.quota.reserve(principal.key_id, limits, demand, now, bound=bound is not None)
+            if self._reserve_now is not None:
+                result = self._reserve_now(principal.key_id, limits, demand, now, bound=bound is not None)
+            else:
+                result = await self.quota.reserve(
+                    principal.key_id, limits, demand, now, bound=bound is not None
+                )
             if isinstance(result, Rejection) and bound is not None and to_count is not None:
                 # The bound does not fit: decide on the count, exactly as without a bound.
                 assert price is not None
@@ -244,43 +256,49 @@ class Proxy:
         url = self._url(spec, scope)
         headers_out = request_headers(scope["headers"], self.api_key)
         settlement = Settlement(request_id, status=0, reserved_tokens=demand.tokens if reservation else None)
-        counting: asyncio.Task[Accounting | None] | None = None
+        counting: list[asyncio.Task[Accounting | None]] = []  # the count beside the backend, once begun
         served = False
         timings = Timings()
         backend_error: str | None = None
         self.metrics.started()
         try:
-            await self.ledger.pending(
-                PendingRow(
-                    request_id,
-                    principal.key_id,
-                    model,
-                    spec.upstream_path,
-                    stream,
-                    started_at,
-                    prompt_estimate=counted.prompt_tokens if counted else len(body) // 4 + 1 if body else 0,
-                    output_estimate=max_out
-                    if max_out is not None
-                    else (self.default_max_tokens if spec.generates else 0),
-                )
+            row = PendingRow(
+                request_id,
+                principal.key_id,
+                model,
+                spec.upstream_path,
+                stream,
+                started_at,
+                prompt_estimate=counted.prompt_tokens if counted else len(body) // 4 + 1 if body else 0,
+                output_estimate=max_out
+                if max_out is not None
+                else (self.default_max_tokens if spec.generates else 0),
             )
+            if not self.ledger.pending_now(row):
+                await self.ledger.pending(row)
+            # Counting overlaps the backend's work: it begins once the request is on its way, so
+            # that not even the task's creation delays the request.
+            begin = None
             if to_count is not None:
-                # Counting overlaps the backend's work: it runs once the request is on its way.
-                if hold is not None and reservation is not None and price is not None:
-                    exact = functools.partial(_demand, size=len(raw_body), max_out=max_out, price=price)
-                    counting = hold.get_loop().create_task(  # (no getpid(), as get_running_loop costs)
-                        self._count_and_shrink(to_count, reservation, limits, exact, hold, rate_headers)
-                    )
-                else:
-                    counting = asyncio.create_task(self._count(*to_count))
+                begin = functools.partial(
+                    self._begin_count,
+                    counting,
+                    to_count,
+                    reservation,
+                    limits,
+                    price,
+                    max_out,
+                    hold,
+                    rate_headers,
+                )
             timings.send_at = time.perf_counter()
-            response = await self._send(method, url, headers_out, body or None)
+            response = await self._send(method, url, headers_out, body or None, begin)
             timings.backend = time.perf_counter() - timings.send_at
             served = response.is_success
             if not served:
                 backend_error = f"status_{response.status_code // 100}xx"
-            if counting is not None:
-                meter = _Metering(await counting, bool(to_count and to_count[2]))
+            if counting:
+                meter = _Metering(await counting[0], bool(to_count and to_count[2]))
             if hold is not None and reservation is not None:
                 settlement.reserved_tokens = reservation.demand.tokens
             settlement.upstream_ms = (time.perf_counter() - t0) * 1000
@@ -306,8 +324,8 @@ class Proxy:
             settlement.error = settlement.error or f"interrupted: {type(exc).__name__}"
             raise
         finally:
-            if counting is not None and not counting.done():
-                counting.cancel()
+            if counting and not counting[0].done():
+                counting[0].cancel()
             settlement.duration_ms = (time.perf_counter() - t0) * 1000
             used = (settlement.prompt_tokens or 0) + (settlement.completion_tokens or 0) if served else 0
             if served and price is not None:
@@ -384,6 +402,28 @@ class Proxy:
             holds.discard(hold)
             if not holds:
                 del self._holds[key_id]
+
+    def _begin_count(
+        self,
+        begun: list[asyncio.Task[Accounting | None]],
+        to_count: tuple[str, Any, Any, int],
+        reservation: Reservation | None,
+        limits: Limits,
+        price: Price | None,
+        max_out: int | None,
+        hold: asyncio.Future[None] | None,
+        rate_headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        """Start counting the request (into ``begun``): with the trade of its bound for the
+        count where it holds one, else the count alone. Once only, however often called."""
+        if begun:
+            return
+        if hold is not None and reservation is not None and price is not None:
+            exact = functools.partial(_demand, size=to_count[3], max_out=max_out, price=price)
+            count = self._count_and_shrink(to_count, reservation, limits, exact, hold, rate_headers)
+            begun.append(hold.get_loop().create_task(count))  # (no getpid(), as get_running_loop costs)
+        else:
+            begun.append(asyncio.create_task(self._count(*to_count)))
 
     async def _count_and_shrink(
         self,
@@ -464,11 +504,16 @@ class Proxy:
             )
 
     async def _send(
-        self, method: str, url: Any, headers: list[tuple[bytes, bytes]], body: bytes | None
+        self,
+        method: str,
+        url: Any,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | None,
+        sent: Callable[[], None] | None = None,
     ) -> BackendResponse:
         for attempt in range(CONNECT_RETRIES + 1):
             try:
-                return await self._upstream.send(method, url, headers, body, self._timeout)
+                return await self._upstream.send(method, url, headers, body, self._timeout, sent)
             except httpx.ConnectError as exc:
                 # Nothing reached the backend: the one failure that is always safe to retry.
                 if attempt == CONNECT_RETRIES:

@@ -94,7 +94,8 @@ class Rejection:
 class QuotaStore(Protocol):
     """A store may also have ``async shrink(reservation, limits, demand, now)``: it trades a held
     bound for a smaller demand (the count's). The proxy then forwards a budgeted request on a
-    bound and counts it beside the backend, instead of counting first."""
+    bound and counts it beside the backend, instead of counting first. A store that decides
+    without I/O may have ``reserve_now``: ``reserve`` without a coroutine."""
 
     async def reserve(
         self, key_id: int, limits: Limits, demand: Demand, now: float, *, bound: bool = False
@@ -176,6 +177,12 @@ class LocalQuota:
     async def reserve(
         self, key_id: int, limits: Limits, demand: Demand, now: float, *, bound: bool = False
     ) -> Reservation | Rejection:
+        return self.reserve_now(key_id, limits, demand, now, bound=bound)
+
+    def reserve_now(
+        self, key_id: int, limits: Limits, demand: Demand, now: float, *, bound: bool = False
+    ) -> Reservation | Rejection:
+        """:meth:`reserve` without a coroutine (the request path's, in one process)."""
         # No await in here: on one event loop, check and reserve are a single atomic step.
         # ``bound`` needs no record (the proxy knows the bounds its own process holds), and no
         # rate windows: the shrink that replaces the bound computes the ones the headers show.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, NoReturn, Protocol
 
 import httpx
@@ -74,8 +74,17 @@ class Upstream(Protocol):
         ...
 
     async def send(
-        self, method: str, url: Any, headers: RawHeaders, body: bytes | None, timeouts: dict[str, Any]
-    ) -> BackendResponse: ...
+        self,
+        method: str,
+        url: Any,
+        headers: RawHeaders,
+        body: bytes | None,
+        timeouts: dict[str, Any],
+        sent: Callable[[], None] | None = None,
+    ) -> BackendResponse:
+        """``sent`` is called once the request is on its way (written, where the transport lets
+        that be seen; else just before it is handed over), and not when nothing was sent."""
+        ...
 
 
 # Hop-by-hop headers (RFC 9110 7.6.1) plus what the gateway sets itself. Forwarding headers
@@ -216,9 +225,17 @@ class HttpxUpstream:
         return httpx.URL(url)
 
     async def send(
-        self, method: str, url: Any, headers: RawHeaders, body: bytes | None, timeouts: dict[str, Any]
+        self,
+        method: str,
+        url: Any,
+        headers: RawHeaders,
+        body: bytes | None,
+        timeouts: dict[str, Any],
+        sent: Callable[[], None] | None = None,
     ) -> BackendResponse:
         extensions = {"timeout": timeouts}
+        if sent is not None:
+            sent()
         request = httpx.Request(method, url, headers=list(headers), content=body, extensions=extensions)
         return _HttpxAnswer(await self._transport.handle_async_request(request))
 
@@ -360,8 +377,16 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return value
 
     async def send(
-        self, method: str, url: Any, headers: RawHeaders, body: bytes | None, timeouts: dict[str, Any]
+        self,
+        method: str,
+        url: Any,
+        headers: RawHeaders,
+        body: bytes | None,
+        timeouts: dict[str, Any],
+        sent: Callable[[], None] | None = None,
     ) -> BackendResponse:
+        if sent is not None:
+            sent()
         return _AiohttpAnswer(await self._request(method, url, headers, body, timeouts))
 
     async def _request(

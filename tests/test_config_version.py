@@ -228,6 +228,9 @@ def test_a_cached_key_follows_changes_made_by_another_process(
         assert await store.authenticate(key[:-1] + ("A" if key[-1] != "A" else "B")) is None
         assert len(hashed) == 1  # a near miss is not a hit
 
+        assert store.cached(key) == first  # the request path's answer from memory, no coroutine
+        assert store.cached(key[:-1] + ("A" if key[-1] != "A" else "B")) is None
+
         for change, check in [
             (lambda: other_keys.update("acme", limits={"tpm": 7}), lambda p: p.limits.tpm == 7),
             (lambda: other_keys.update("acme", plan="gold"), lambda p: p.limits.rpm == 10),
@@ -237,7 +240,10 @@ def test_a_cached_key_follows_changes_made_by_another_process(
             await asyncio.sleep(0)
             change()
             await asyncio.sleep(0)
-            assert check(await store.authenticate(key))
+            assert store.cached(key) is None  # changed since: memory answers nothing, ...
+            principal = await store.authenticate(key)  # ... the store reads afresh
+            assert check(principal)
+            assert store.cached(key) == principal  # and memory has it again (revoked: nothing)
 
     asyncio.run(scenario())
 
@@ -268,7 +274,10 @@ def test_cached_prices_match_the_database_at_every_moment(sqlite_db: SQLiteDatab
             await asyncio.sleep(0)
             for _ in range(25):
                 asked, at = _a_lookup(rng)
+                from_memory = cached.cached_at(asked, at)  # the request path's, without a coroutine
                 assert await cached.price_at(asked, at) == other.at(asked, at), (asked, at)
+                assert from_memory in (None, other.at(asked, at)), (asked, at)
+                assert cached.cached_at(asked, at) == other.at(asked, at), (asked, at)
 
     asyncio.run(scenario())
 

@@ -72,7 +72,11 @@ async def main():
     # Another process holds the database's write lock: no commit can happen from here on.
     lock = sqlite3.connect(sys.argv[1], isolation_level=None)
     lock.execute("BEGIN IMMEDIATE")
-    await ledger.pending(PendingRow("req_1", 1, "m", "/chat/completions", False, time.time(), 7, 9))
+    row = PendingRow("req_1", 1, "m", "/chat/completions", False, time.time(), 7, 9)
+    if sys.argv[2] == "now":
+        assert ledger.pending_now(row)  # the request path's way: durable without a coroutine
+    else:
+        await ledger.pending(row)
     os.kill(os.getpid(), signal.SIGKILL)  # killed the moment pending() returned
 
 asyncio.run(main())
@@ -80,15 +84,16 @@ asyncio.run(main())
 
 
 @pytest.mark.parametrize("engine", ["sqlite"])  # PostgreSQL: committed before it returns, above
-def test_a_pending_row_survives_a_kill_the_moment_it_returns_without_a_commit(db_path: str) -> None:
-    """SQLite: pending() returns once the row is in the journal, not after a commit; a process
-    killed right then leaves the row to the next start, which bills it."""
+@pytest.mark.parametrize("way", ["await", "now"])
+def test_a_pending_row_survives_a_kill_the_moment_it_returns_without_a_commit(db_path: str, way: str) -> None:
+    """SQLite: pending() (or pending_now()) returns once the row is in the journal, not after a
+    commit; a process killed right then leaves the row to the next start, which bills it."""
     import subprocess
     import sys
 
     asyncio.run(_with_key(db_path))
     child = subprocess.run(
-        [sys.executable, "-c", _KILLED_AFTER_PENDING, db_path], capture_output=True, timeout=60
+        [sys.executable, "-c", _KILLED_AFTER_PENDING, db_path, way], capture_output=True, timeout=60
     )
     assert child.returncode == -9, child.stderr.decode()
     assert ledger_rows(db_path) == []  # nothing was committed
@@ -98,6 +103,25 @@ def test_a_pending_row_survives_a_kill_the_moment_it_returns_without_a_commit(db
     assert (row["prompt_tokens"], row["completion_tokens"], row["cost_micros"]) == (7, 9, 7009)
     assert not list(Path(db_path).parent.glob("*-ledger.*"))  # the journal was replayed, and gone
     assert Ledger(db_path).recover() == 0
+
+
+def test_pending_now_journals_where_a_journal_makes_a_row_durable_and_else_does_nothing(db_path: str) -> None:
+    """SQLite journals: pending_now() makes the row durable itself. PostgreSQL commits: it does
+    nothing and says so, and pending() commits as before."""
+
+    async def run() -> None:
+        await _with_key(db_path)
+        ledger = Ledger(db_path)
+        ledger.start()
+        assert ledger.pending_now(_row(1)) is not is_postgres(db_path)
+        if is_postgres(db_path):
+            assert ledger_rows(db_path) == []  # nothing was queued
+            await ledger.pending(_row(1))
+        ledger.settle(Settlement("req_1", 200))
+        await ledger.close()
+
+    asyncio.run(run())
+    assert [(r["id"], r["state"]) for r in ledger_rows(db_path)] == [("req_1", "settled")]
 
 
 def test_concurrent_writers_share_commits(db_path: str) -> None:

@@ -650,6 +650,45 @@ def test_a_refusal_beside_another_replicas_bound_waits_for_its_count(
     _nothing_held(shared)
 
 
+class _Unreachable:
+    """An Upstream whose connections are refused after a while: nothing is ever sent."""
+
+    def url(self, url: str) -> str:
+        return url
+
+    async def send(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.01)  # connecting (the count, had it begun, would run meanwhile)
+        raise httpx.ConnectError("connection refused")
+
+
+@pytest.mark.parametrize("limits", [{}, {"tokens_per_day": 100_000}], ids=["count", "bound"])
+def test_a_request_that_never_reached_the_backend_is_never_counted(
+    make_settings: Callable[..., Settings],
+    backend: Backend,
+    monkeypatch: pytest.MonkeyPatch,
+    limits: dict[str, int],
+) -> None:
+    """The count runs beside the backend's work, so it begins once the request is on its way
+    (the gateway's own client says when it is written): a backend that cannot be reached costs
+    no count. With a budget too, where the request goes out on a bound held until its count."""
+    from gateway import proxy
+
+    counted: list[str] = []
+
+    async def count(self: proxy.Proxy, model: str, *args: Any) -> Any:
+        counted.append(model)
+        return None
+
+    monkeypatch.setattr(proxy.Proxy, "_count", count)
+    monkeypatch.setattr(proxy, "upstream_for", lambda client: _Unreachable())
+    settings = make_settings(preload_models=SEED_MODEL)  # a bound from the first request
+    key = _budget_key(settings, **limits)
+    with TestClient(create_app(settings, transport=httpx.MockTransport(backend))) as client:
+        error = _assert_error(_chat(client, key, tools=SEED_TOOLS, max_tokens=40), 502, "upstream_error")
+        assert error["code"] == "upstream_unreachable"
+    assert counted == []
+
+
 def test_a_dead_backend_releases_a_held_bound(
     make_settings: Callable[..., Settings], backend: Backend, store: dict[str, Any]
 ) -> None:

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from gateway.limits import Limits
+from gateway.limits import LIMIT_NAMES, Limits
 from gateway.quota import (
     Demand,
     LocalQuota,
@@ -128,6 +128,19 @@ def test_limits_fall_back_to_the_plan() -> None:
     key = Limits(rpm=5)
     plan = Limits(rpm=100, tokens_per_day=1000)
     assert key.over(plan) == Limits(rpm=5, tokens_per_day=1000)
+
+
+@pytest.mark.parametrize("name", LIMIT_NAMES)
+def test_what_a_request_asks_of_its_limits_is_worked_out_once_and_right(name: str) -> None:
+    """``any`` and ``budgets_tokens`` are read on every request and kept on the limits: each is
+    right for every limit, and neither shows in equality, hashing, the dict or the repr."""
+    limits = Limits(**{name: 1})
+    assert limits.any and not Limits().any
+    assert limits.budgets_tokens == (name not in ("rpm", "max_concurrent"))
+    assert limits.as_dict() == {n: 1 if n == name else None for n in LIMIT_NAMES}
+    assert limits == Limits(**{name: 1}) and hash(limits) == hash(Limits(**{name: 1}))
+    assert "any" not in repr(limits) and "budgets" not in repr(limits)
+    assert limits.over(Limits()).any and Limits().over(limits).budgets_tokens == limits.budgets_tokens
 
 
 @pytest.mark.parametrize("limits", [Limits(tokens_per_day=10**9), Limits(rpm=10**6), Limits()])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gzip
 import os
 import subprocess
@@ -313,6 +314,42 @@ def test_send_decodes_an_answer_the_backend_compressed_anyway(upstream: Callable
             answer = await backend.send("POST", url, [], b"{}", _TIMEOUTS)
             assert b"".join([c async for c in answer.aiter_bytes()]) == payload
             await answer.aclose()
+
+    asyncio.run(_with_server(handler, body))
+
+
+def test_sent_comes_once_before_the_answer_and_not_for_a_refused_connection(
+    upstream: Callable[[], Any],
+) -> None:
+    """The proxy begins its count beside the backend from ``sent``: it must come before the
+    answer (this backend answers only once it came), once per request. The gateway's own client
+    calls it once the request is written, so never for a connection refused; the others call it
+    just before handing the request over, whatever becomes of it."""
+    calls: list[str] = []
+    came = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        await asyncio.wait_for(came.wait(), 5)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+
+    def sent(name: str) -> None:
+        calls.append(name)
+        came.set()
+
+    async def body(url: str) -> None:
+        async with _opened(upstream) as backend:
+            own = isinstance(backend, Http1Transport)
+            answer = await backend.send(
+                "POST", backend.url(url + "/v1/x"), [], b"{}", _TIMEOUTS, functools.partial(sent, "served")
+            )
+            assert await answer.aread() == b"ok"
+            await answer.aclose()
+            refused = backend.url(f"http://127.0.0.1:{free_port()}/v1/x")
+            with pytest.raises(httpx.ConnectError):
+                await backend.send("POST", refused, [], b"{}", _TIMEOUTS, functools.partial(sent, "refused"))
+        assert calls == (["served"] if own else ["served", "refused"])
 
     asyncio.run(_with_server(handler, body))
 

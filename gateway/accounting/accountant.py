@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.accounting import inline
@@ -19,6 +20,7 @@ __all__ = ["Accountant", "Accounting", "Bill", "UnknownModel", "bill"]
 # Requests larger than this are counted in a worker thread (long prompts never stall the loop),
 # unless their format counts piece by piece and the count fits this budget (inline.py).
 OFFLOAD_BYTES = 32 * 1024
+BOUNDS_KEPT = 1024  # models whose bound function is remembered
 
 
 class UnknownModel(Exception):
@@ -43,6 +45,9 @@ class Accountant:
     def __init__(self, registry: Registry, *, fallback_model: str | None = None) -> None:
         self.registry = registry
         self.fallback_model = fallback_model
+        # Each model's format's bound (None: it has none), once its tokenizer is loaded: every
+        # budgeted request asks for it before it is forwarded. Bounded: names come from clients.
+        self._bounds: dict[str, Callable[[Messages, Tools | None], int | None] | None] = {}
 
     def profile(self, model: str) -> tuple[ModelProfile, bool]:
         """The model's profile, and whether it is the fallback's (then counts are estimates)."""
@@ -78,13 +83,18 @@ class Accountant:
     def bound(self, model: str, messages: Messages, tools: Tools | None) -> int | None:
         """A number ``count`` cannot exceed for this request, found without the tokenizer; None
         where the model's format cannot say (or its tokenizer is not loaded yet)."""
-        if not self.registry.ready(model):
-            return None
-        try:
-            profile, _ = self.profile(model)
-        except UnknownModel:
-            return None
-        bound = getattr(profile.format, "bound", None)
+        if model in self._bounds:
+            bound = self._bounds[model]
+        else:
+            if not self.registry.ready(model):
+                return None
+            try:
+                profile, _ = self.profile(model)
+            except UnknownModel:
+                return None
+            bound = getattr(profile.format, "bound", None)
+            if len(self._bounds) < BOUNDS_KEPT:
+                self._bounds[model] = bound
         if bound is None:
             return None
         try:

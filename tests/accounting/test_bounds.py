@@ -142,3 +142,27 @@ def test_no_bound_for_formats_without_one(accountant: Accountant) -> None:
     for model in UNBOUNDED:
         assert accountant.bound(model, messages, None) is None
     assert accountant.bound("no/such-model", messages, None) is None
+
+
+def test_a_bound_waits_for_the_tokenizer_and_is_then_looked_up_once_per_model() -> None:
+    """Every budgeted request asks for its model's bound before it is forwarded: the lookup
+    (registry entry, profile, format) is made once per model, and only once the tokenizer is
+    loaded. Before, there is no bound (the request is counted first, off the loop), and that
+    answer is not kept."""
+    registry = Registry.load()
+    accountant = Accountant(registry)
+    model, messages = BOUNDED[0], [{"role": "user", "content": "hi"}]
+    assert accountant.bound(model, messages, None) is None  # its tokenizer is not loaded yet
+    registry.warm([model])
+    looked: list[str] = []
+    profile = accountant.profile
+    accountant.profile = lambda name: looked.append(name) or profile(name)  # type: ignore[method-assign]
+    bounds = [accountant.bound(model, [{"role": "user", "content": "hi" * n}], None) for n in (1, 50)]
+    assert looked == [model]
+    expected = Accountant(registry).bound  # a fresh one, whose lookups are all its own
+    assert bounds == [expected(model, [{"role": "user", "content": "hi" * n}], None) for n in (1, 50)]
+    assert bounds[0] is not None and bounds[1] is not None and bounds[1] > bounds[0]
+    registry.warm([UNBOUNDED[1]])
+    assert accountant.bound(UNBOUNDED[1], messages, None) is None  # a format without one
+    assert accountant.bound(UNBOUNDED[1], messages, None) is None
+    assert looked == [model, UNBOUNDED[1]]
