@@ -9,9 +9,10 @@ wrong methods, paths with parameters, lifespan) goes to the full application.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.asgi import send_error
 from gateway.errors import GatewayError
@@ -32,17 +33,12 @@ class FastRoutes:
         if endpoint is None or scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
         try:
-            await endpoint(scope, receive, tracked)
+            await endpoint(scope, receive, send)  # (not wrapped: every send would pay for it)
         except Exception:
             # What Starlette's ServerErrorMiddleware does for the other routes: a JSON 500.
             log.exception("unexpected error on %s %s", scope["method"], scope["path"])
-            if not started:
+            # Had the answer begun, the server refuses a second start (the ASGI spec has it raise
+            # on a message out of turn), and the answer ends where it broke off.
+            with contextlib.suppress(Exception):
                 await send_error(send, GatewayError("The gateway hit an internal error."))
