@@ -381,7 +381,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         timeouts: dict[str, Any],
         sent: Callable[[], None] | None = None,
     ) -> Any:
-        """``sent`` is called right after the request is written (see :class:`gateway.upstream.Upstream`)."""
+        """``sent``: see :class:`gateway.upstream.Upstream` (after the write, or before a wait)."""
         answer = await self._exchange(method, url, headers, body, timeouts, sent)
         if not isinstance(answer, _Answer):
             return answer
@@ -410,7 +410,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
             # TLS, credentials, and HEAD (whose answer has a length but no body): aiohttp's pool.
             plain = target.url if isinstance(target, _Target) else target
             return await self._aiohttp().send(method, plain, headers, body, timeouts, sent)
-        conn = await self._acquire(target.address, timeouts)
+        conn, waited = await self._acquire(target.address, timeouts, sent)
         loop = asyncio.get_running_loop()
         answer = _Answer(conn, loop, timeouts.get("read"))
         conn.answer = answer
@@ -427,7 +427,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         unsent = conn.transport.get_write_buffer_size()
         if unsent and timeouts.get("write") is not None:
             _watch_write(conn, answer, timeouts["write"], unsent)
-        if sent is not None:
+        if sent is not None and not waited:
             sent()  # the caller's work that needs the request on its way, not yet its answer
         try:
             await answer.head()
@@ -436,9 +436,14 @@ class Http1Transport(httpx.AsyncBaseTransport):
             raise
         return answer
 
-    async def _acquire(self, address: tuple[str, int], timeouts: dict[str, Any]) -> _Connection:
+    async def _acquire(
+        self, address: tuple[str, int], timeouts: dict[str, Any], waiting: Callable[[], None] | None = None
+    ) -> tuple[_Connection, bool]:
+        """A connection, and whether ``waiting`` was called: once, before waiting for one to be
+        made or to come free (the caller's side work can run meanwhile)."""
         loop = asyncio.get_running_loop()
         deadline = None
+        waited = False
         while True:
             idle = self._idle.get(address)
             while idle:
@@ -446,10 +451,13 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 # A connection belongs to the loop it was made on (an embedding program may run
                 # the application on another one later).
                 if conn.open and conn.loop is loop and loop.time() - conn.idle_since < self._keepalive:
-                    return conn
+                    return conn, waited
                 conn.close()
+            if waiting is not None and not waited:
+                waiting()
+                waited = True
             if self._open < self._limit or self._evict_idle():
-                return await self._connect(address, timeouts.get("connect"))
+                return await self._connect(address, timeouts.get("connect")), waited
             if deadline is None:
                 pool = timeouts.get("pool")
                 deadline = None if pool is None else loop.time() + pool

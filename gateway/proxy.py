@@ -276,8 +276,8 @@ class Proxy:
             )
             if not self.ledger.pending_now(row):
                 await self.ledger.pending(row)
-            # Counting overlaps the backend's work: it begins once the request is on its way, so
-            # that not even the task's creation delays the request.
+            # Counting overlaps the backend's work: it begins once the request is on its way (or
+            # waits for a connection), so that not even the task's creation delays the request.
             begin = None
             if to_count is not None:
                 begin = functools.partial(

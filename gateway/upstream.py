@@ -82,8 +82,10 @@ class Upstream(Protocol):
         timeouts: dict[str, Any],
         sent: Callable[[], None] | None = None,
     ) -> BackendResponse:
-        """``sent`` is called once the request is on its way (written, where the transport lets
-        that be seen; else just before it is handed over), and not when nothing was sent."""
+        """``sent`` is called once, when the request no longer needs the caller: right after it
+        is written, or before it waits for a connection to be made or to come free (the
+        gateway's own client); just before it is handed over (the other pools). The caller's
+        side work (the proxy's count) then runs while the request travels or waits."""
         ...
 
 

@@ -209,6 +209,46 @@ def test_every_framing_of_an_answer_is_read_whole(wire: bytes) -> None:
     asyncio.run(_with_server(handler, body))
 
 
+def test_sent_comes_after_the_write_on_a_kept_connection_and_before_a_wait_for_one() -> None:
+    """On a connection kept alive, ``sent`` comes right after the request is written. A request
+    that has to wait for a connection to come free gets it before the wait, so the proxy's
+    count runs meanwhile: here, before the request ahead of it is even answered."""
+    release = asyncio.Event()
+    order: list[str] = []
+
+    async def before(body: bytes) -> None:
+        order.append(f"backend has {body.decode()}")
+        if body == b"first":
+            await release.wait()
+
+    async def run(url: str) -> None:
+        async with _pool(max_connections=1) as client:
+            assert await _send(client, url, b"warm") == b"warm"  # the one connection, kept
+            order.clear()
+
+            async def one(name: bytes) -> bytes:
+                answer = await client.send(
+                    "POST", url, [], name, _TIMEOUTS, lambda: order.append(f"sent {name.decode()}")
+                )
+                try:
+                    return await answer.aread()  # type: ignore[no-any-return]
+                finally:
+                    await answer.aclose()
+
+            first = asyncio.create_task(one(b"first"))
+            await asyncio.sleep(0)
+            assert order == ["sent first"]  # written on the kept connection, and said at once
+            second = asyncio.create_task(one(b"second"))
+            await asyncio.sleep(0.05)
+            assert "sent second" in order  # waiting for the connection the first one holds
+            assert "backend has second" not in order
+            release.set()
+            assert await first == b"first" and await second == b"second"
+        assert order.index("sent second") < order.index("backend has second")
+
+    asyncio.run(_with_server(_serving(_echo, [], before), run))
+
+
 def test_the_write_watch_ends_with_its_answer() -> None:
     """A body the backend takes after a while is watched; once the answer is in, the watch's
     timer is gone (a timer per request, living for the write timeout, would pile up)."""

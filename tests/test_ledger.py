@@ -272,6 +272,37 @@ def test_a_request_never_wakes_the_writer_the_event_loop_does_once_per_batch(db_
 
 
 @pytest.mark.parametrize("engine", ["sqlite"])
+def test_a_batchs_first_operation_leaves_its_timer_to_the_loops_next_step(db_path: str) -> None:
+    """A request's first ledger operation comes before it is forwarded: it only schedules a
+    call, and the timer is set in the loop's next step (once the request is on its way)."""
+
+    async def run() -> None:
+        await _with_key(db_path)
+        loop = asyncio.get_running_loop()
+        timers: list[float] = []
+        call_later = loop.call_later
+
+        def recorded(delay: float, callback: Any, *args: Any, **kwargs: Any) -> Any:
+            timers.append(delay)
+            return call_later(delay, callback, *args, **kwargs)
+
+        loop.call_later = recorded  # type: ignore[method-assign]
+        ledger = Ledger(db_path)
+        ledger.start()
+        assert ledger.pending_now(_row(1))
+        assert timers == []  # nothing set while the request is on its way
+        await asyncio.sleep(0)
+        assert timers == [LINGER]  # set in the next step
+        assert ledger.pending_now(_row(2))
+        await asyncio.sleep(0)
+        assert timers == [LINGER]  # one timer for the batch
+        await ledger.close()
+
+    asyncio.run(run())
+    assert [r["state"] for r in ledger_rows(db_path)] == ["pending", "pending"]
+
+
+@pytest.mark.parametrize("engine", ["sqlite"])
 def test_under_steady_traffic_commits_stay_linger_apart(db_path: str) -> None:
     """Operations keep arriving while the writer commits (each commit takes 5 ms here): they
     wait for the next timer, not for the commit to end, so commits stay about LINGER apart

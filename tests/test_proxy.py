@@ -651,26 +651,36 @@ def test_a_refusal_beside_another_replicas_bound_waits_for_its_count(
 
 
 class _Unreachable:
-    """An Upstream whose connections are refused after a while: nothing is ever sent."""
+    """An Upstream that says when the request no longer needs the proxy (``sent``), after a
+    while, and whose connection is then refused: what the proxy had counted by each moment."""
+
+    def __init__(self, counted: list[str]) -> None:
+        self.counted = counted
+        self.seen: list[list[str]] = []
 
     def url(self, url: str) -> str:
         return url
 
-    async def send(self, *args: Any, **kwargs: Any) -> Any:
-        await asyncio.sleep(0.01)  # connecting (the count, had it begun, would run meanwhile)
+    async def send(self, method: str, url: str, headers: Any, body: Any, timeouts: Any, sent: Any) -> Any:
+        await asyncio.sleep(0.01)  # preparing (a count begun already would run meanwhile)
+        self.seen.append(list(self.counted))
+        sent()
+        await asyncio.sleep(0.01)  # connecting: the count runs meanwhile
+        self.seen.append(list(self.counted))
         raise httpx.ConnectError("connection refused")
 
 
 @pytest.mark.parametrize("limits", [{}, {"tokens_per_day": 100_000}], ids=["count", "bound"])
-def test_a_request_that_never_reached_the_backend_is_never_counted(
+def test_the_count_beside_the_backend_begins_when_the_request_no_longer_needs_the_proxy(
     make_settings: Callable[..., Settings],
     backend: Backend,
     monkeypatch: pytest.MonkeyPatch,
     limits: dict[str, int],
 ) -> None:
-    """The count runs beside the backend's work, so it begins once the request is on its way
-    (the gateway's own client says when it is written): a backend that cannot be reached costs
-    no count. With a budget too, where the request goes out on a bound held until its count."""
+    """The count runs beside the backend's work: it begins once the upstream says the request
+    is written or waiting for its connection (``sent``), not before, so that making it never
+    delays the request. With a budget too, where the request goes out on a bound held until
+    its count; the refused connection is the proxy's 502, and nothing is left held."""
     from gateway import proxy
 
     counted: list[str] = []
@@ -679,14 +689,18 @@ def test_a_request_that_never_reached_the_backend_is_never_counted(
         counted.append(model)
         return None
 
+    unreachable = _Unreachable(counted)
     monkeypatch.setattr(proxy.Proxy, "_count", count)
-    monkeypatch.setattr(proxy, "upstream_for", lambda client: _Unreachable())
+    monkeypatch.setattr(proxy, "upstream_for", lambda client: unreachable)
     settings = make_settings(preload_models=SEED_MODEL)  # a bound from the first request
     key = _budget_key(settings, **limits)
     with TestClient(create_app(settings, transport=httpx.MockTransport(backend))) as client:
         error = _assert_error(_chat(client, key, tools=SEED_TOOLS, max_tokens=40), 502, "upstream_error")
         assert error["code"] == "upstream_unreachable"
-    assert counted == []
+        limits_now = client.get("/v1/limits", headers={"Authorization": f"Bearer {key}"}).json()
+    # Two attempts (a refused connection is tried twice), one count, begun at the first "sent".
+    assert unreachable.seen == [[], [SEED_MODEL], [SEED_MODEL], [SEED_MODEL]]
+    assert all(w["reserved"] == 0 for w in limits_now["limits"])
 
 
 def test_a_dead_backend_releases_a_held_bound(
