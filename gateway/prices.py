@@ -117,10 +117,7 @@ class PriceBook:
                 return None
             version = self._version.current()
         hit = self._cache.get(model or DEFAULT_MODEL, version)
-        if hit is None:
-            return None
-        own, default = hit
-        return _in_force(own, when) or _in_force(default, when) or FREE
+        return None if hit is None else _in_force_of(hit, when)
 
     async def price_at(self, model: str | None, when: float, version: int | None = None) -> Price:
         """:meth:`at` for the request path: cached while the config version holds, else one
@@ -142,8 +139,7 @@ class PriceBook:
             history = [Price(*row[1:]) for row in rows if row[1] is not None]
             hit = ([p for p in history if p.model == name], [p for p in history if p.model == DEFAULT_MODEL])
             self._cache.put(name, int(rows[0][0]), hit)
-        own, default = hit
-        return _in_force(own, when) or _in_force(default, when) or FREE
+        return _in_force_of(hit, when)
 
     async def acurrent(self, when: float | None = None) -> list[Price]:
         """:meth:`current` off the event loop where the database is a network hop away."""
@@ -168,6 +164,12 @@ class PriceBook:
             "ORDER BY model, effective_from"
         ).fetchall()
         return [Price(*r) for r in rows]
+
+
+def _in_force_of(histories: tuple[list[Price], list[Price]], when: float) -> Price:
+    """The price in force at ``when`` from a model's cached (own, default) histories."""
+    own, default = histories
+    return _in_force(own, when) or _in_force(default, when) or FREE
 
 
 def _in_force(history: list[Price], when: float) -> Price | None:
