@@ -13,6 +13,7 @@ and the seed request's warm accounting time. Writes bench/results/accounting.{js
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import re
@@ -105,7 +106,7 @@ def run(repeat: int, progress: Callable[[str], None]) -> dict[str, Any]:
                 t = time.perf_counter()
                 counted = accountant.count(model, messages, tools)
                 cold = time.perf_counter() - t
-                warm = timed(lambda md=model, m=messages, tl=tools: accountant.count(md, m, tl), repeat)
+                warm = timed(functools.partial(accountant.count, model, messages, tools), repeat)
                 raw = timed(raw_text_counter(accountant, model, messages, tools), repeat)
                 rows.append(
                     {
@@ -128,7 +129,8 @@ def run(repeat: int, progress: Callable[[str], None]) -> dict[str, Any]:
     seed = {}
     for family, model in {"the seed's model (mistral-v1)": SEED_MODEL, **MODELS}.items():
         accountant.count(model, SEED_MESSAGES, SEED_TOOLS)
-        seed[family] = timed(lambda m=model: accountant.count(m, SEED_MESSAGES, SEED_TOOLS), repeat * 5) * 1e6
+        count_seed = functools.partial(accountant.count, model, SEED_MESSAGES, SEED_TOOLS)
+        seed[family] = timed(count_seed, repeat * 5) * 1e6
     return {
         "machine": {
             "python": sys.version.split()[0],

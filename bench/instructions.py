@@ -278,8 +278,8 @@ def main() -> int:
     suffix = "" if args.request == "plain" else f"-{args.request}"
     if args.cpu:
         requests = max(CONCURRENCY, (args.requests or 6400) // CONCURRENCY * CONCURRENCY)
-        cpu = _cpu_times(args, targets, requests)
-        (out / f"cpu{suffix}.json").write_text(json.dumps(cpu, indent=2))
+        times = _cpu_times(args, targets, requests)
+        (out / f"cpu{suffix}.json").write_text(json.dumps(times, indent=2))
         return 0
     if shutil.which("valgrind") is None:
         raise SystemExit("bench.instructions needs valgrind (Debian: apt-get install -y valgrind)")

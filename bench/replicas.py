@@ -123,7 +123,7 @@ def run(seconds: int, concurrency: int, progress: Callable[[str], None]) -> dict
                     warm = _load(urls, key, 2, concurrency)
                     before = _check(db, key, urls[0], warm, 0)["ledger_rows"]
                     progress(f"{name}: {seconds} s of wrk, {concurrency} connections ...")
-                    figures = _load(urls, key, seconds, concurrency)
+                    figures: dict[str, Any] = dict(_load(urls, key, seconds, concurrency))
                     figures.update(_check(db, key, urls[-1], figures, before))
                     figures["rss_mb"] = [rss_mb(r.proc.pid) for r in replicas if r.proc is not None]
                 finally:

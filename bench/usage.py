@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway.db import open_db
+from gateway.db import SQLiteDatabase, open_db
 from gateway.usage import Query, buckets
 
 DAY = 86400
@@ -31,6 +31,7 @@ MODELS = [
 
 def build(path: str, rows: int, keys: int, now: float, progress: object) -> None:
     db = open_db(path)
+    assert isinstance(db, SQLiteDatabase)  # bulk inserts through sqlite3's executemany
     for k in range(1, keys + 1):
         db.execute(
             "INSERT INTO keys (id, name, prefix, hash, created_at) VALUES (?, ?, 'p', ?, 0)",
