@@ -379,7 +379,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         headers: RawHeaders,
         body: bytes | None,
         timeouts: dict[str, Any],
-        sent: Callable[[], None] | None = None,
+        sent: Callable[[bool], None] | None = None,
     ) -> Any:
         """``sent``: see :class:`gateway.upstream.Upstream` (after the write, or before a wait)."""
         answer = await self._exchange(method, url, headers, body, timeouts, sent)
@@ -402,7 +402,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         headers: RawHeaders,
         body: bytes | None,
         timeouts: dict[str, Any],
-        sent: Callable[[], None] | None = None,
+        sent: Callable[[bool], None] | None = None,
     ) -> Any:
         """The answer as sent (:class:`_Answer`), or aiohttp's pool's for what it handles."""
         target = self.url(url) if isinstance(url, str) else url
@@ -428,7 +428,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         if unsent and timeouts.get("write") is not None:
             _watch_write(conn, answer, timeouts["write"], unsent)
         if sent is not None and not waited:
-            sent()  # the caller's work that needs the request on its way, not yet its answer
+            sent(True)  # the caller's work that needs the request on its way, not yet its answer
         try:
             await answer.head()
         except BaseException:
@@ -437,7 +437,10 @@ class Http1Transport(httpx.AsyncBaseTransport):
         return answer
 
     async def _acquire(
-        self, address: tuple[str, int], timeouts: dict[str, Any], waiting: Callable[[], None] | None = None
+        self,
+        address: tuple[str, int],
+        timeouts: dict[str, Any],
+        waiting: Callable[[bool], None] | None = None,
     ) -> tuple[_Connection, bool]:
         """A connection, and whether ``waiting`` was called: once, before waiting for one to be
         made or to come free (the caller's side work can run meanwhile)."""
@@ -454,7 +457,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
                     return conn, waited
                 conn.close()
             if waiting is not None and not waited:
-                waiting()
+                waiting(False)
                 waited = True
             if self._open < self._limit or self._evict_idle():
                 return await self._connect(address, timeouts.get("connect")), waited

@@ -200,6 +200,10 @@ class LocalQuota:
     async def shrink(self, reservation: Reservation, limits: Limits, demand: Demand, now: float) -> None:
         """Hold ``demand`` instead of the reservation's larger one (the exact count replacing a
         bound), and refresh its rate windows. A hold never grows here: that would skip the check."""
+        self.shrink_now(reservation, limits, demand, now)
+
+    def shrink_now(self, reservation: Reservation, limits: Limits, demand: Demand, now: float) -> None:
+        """:meth:`shrink` without a coroutine (the count beside the backend, in one process)."""
         if reservation.released:
             return
         held = reservation.demand

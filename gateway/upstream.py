@@ -80,12 +80,14 @@ class Upstream(Protocol):
         headers: RawHeaders,
         body: bytes | None,
         timeouts: dict[str, Any],
-        sent: Callable[[], None] | None = None,
+        sent: Callable[[bool], None] | None = None,
     ) -> BackendResponse:
-        """``sent`` is called once, when the request no longer needs the caller: right after it
-        is written, or before it waits for a connection to be made or to come free (the
-        gateway's own client); just before it is handed over (the other pools). The caller's
-        side work (the proxy's count) then runs while the request travels or waits."""
+        """``sent(written)`` is called once, when the request no longer needs the caller: right
+        after it is written (``written`` True: the caller may do its side work right there), or
+        before it waits for a connection to be made or to come free (the gateway's own client),
+        or just before it is handed over (the other pools): then False, and the side work must
+        leave the loop to the request (a task). The caller's side work (the proxy's count) runs
+        while the request travels or waits."""
         ...
 
 
@@ -233,11 +235,11 @@ class HttpxUpstream:
         headers: RawHeaders,
         body: bytes | None,
         timeouts: dict[str, Any],
-        sent: Callable[[], None] | None = None,
+        sent: Callable[[bool], None] | None = None,
     ) -> BackendResponse:
         extensions = {"timeout": timeouts}
         if sent is not None:
-            sent()
+            sent(False)
         request = httpx.Request(method, url, headers=list(headers), content=body, extensions=extensions)
         return _HttpxAnswer(await self._transport.handle_async_request(request))
 
@@ -385,10 +387,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         headers: RawHeaders,
         body: bytes | None,
         timeouts: dict[str, Any],
-        sent: Callable[[], None] | None = None,
+        sent: Callable[[bool], None] | None = None,
     ) -> BackendResponse:
         if sent is not None:
-            sent()
+            sent(False)
         return _AiohttpAnswer(await self._request(method, url, headers, body, timeouts))
 
     async def _request(

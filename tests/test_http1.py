@@ -228,7 +228,12 @@ def test_sent_comes_after_the_write_on_a_kept_connection_and_before_a_wait_for_o
 
             async def one(name: bytes) -> bytes:
                 answer = await client.send(
-                    "POST", url, [], name, _TIMEOUTS, lambda: order.append(f"sent {name.decode()}")
+                    "POST",
+                    url,
+                    [],
+                    name,
+                    _TIMEOUTS,
+                    lambda written: order.append(f"sent {name.decode()}{'' if written else ', waiting'}"),
                 )
                 try:
                     return await answer.aread()  # type: ignore[no-any-return]
@@ -237,14 +242,14 @@ def test_sent_comes_after_the_write_on_a_kept_connection_and_before_a_wait_for_o
 
             first = asyncio.create_task(one(b"first"))
             await asyncio.sleep(0)
-            assert order == ["sent first"]  # written on the kept connection, and said at once
+            assert order == ["sent first"]  # written on the kept connection, and said at once, as such
             second = asyncio.create_task(one(b"second"))
             await asyncio.sleep(0.05)
-            assert "sent second" in order  # waiting for the connection the first one holds
+            assert "sent second, waiting" in order  # waiting for the connection the first one holds
             assert "backend has second" not in order
             release.set()
             assert await first == b"first" and await second == b"second"
-        assert order.index("sent second") < order.index("backend has second")
+        assert order.index("sent second, waiting") < order.index("backend has second")
 
     asyncio.run(_with_server(_serving(_echo, [], before), run))
 

@@ -664,7 +664,7 @@ class _Unreachable:
     async def send(self, method: str, url: str, headers: Any, body: Any, timeouts: Any, sent: Any) -> Any:
         await asyncio.sleep(0.01)  # preparing (a count begun already would run meanwhile)
         self.seen.append(list(self.counted))
-        sent()
+        sent(False)  # waiting for its connection
         await asyncio.sleep(0.01)  # connecting: the count runs meanwhile
         self.seen.append(list(self.counted))
         raise httpx.ConnectError("connection refused")
@@ -700,6 +700,71 @@ def test_the_count_beside_the_backend_begins_when_the_request_no_longer_needs_th
         limits_now = client.get("/v1/limits", headers={"Authorization": f"Bearer {key}"}).json()
     # Two attempts (a refused connection is tried twice), one count, begun at the first "sent".
     assert unreachable.seen == [[], [SEED_MODEL], [SEED_MODEL], [SEED_MODEL]]
+    assert all(w["reserved"] == 0 for w in limits_now["limits"])
+
+
+class _WrittenThenReset:
+    """An Upstream that says ``sent(written)`` and then loses the connection: what the proxy had
+    counted and released by the moment ``sent`` returned."""
+
+    def __init__(self, written: bool, counted: list[str], released: list[int]) -> None:
+        self.written = written
+        self.counted = counted
+        self.released = released
+        self.seen: list[tuple[list[str], list[int]]] = []
+
+    def url(self, url: str) -> str:
+        return url
+
+    async def send(self, method: str, url: str, headers: Any, body: Any, timeouts: Any, sent: Any) -> Any:
+        sent(self.written)
+        self.seen.append((list(self.counted), list(self.released)))
+        await asyncio.sleep(0.01)
+        raise httpx.ReadError("connection reset")
+
+
+@pytest.mark.parametrize("written", [True, False], ids=["written", "handed-over"])
+@pytest.mark.parametrize("limits", [{}, {"tokens_per_day": 100_000}], ids=["count", "bound"])
+def test_a_request_just_written_is_counted_and_its_bound_traded_before_sent_returns(
+    make_settings: Callable[..., Settings],
+    backend: Backend,
+    monkeypatch: pytest.MonkeyPatch,
+    limits: dict[str, int],
+    written: bool,
+) -> None:
+    """Right after the write the request needs nothing of the loop until its answer: the count
+    (and with a budget, the trade of the bound for it) is done there and then, with no task.
+    Before a hand-over (another pool) it leaves the loop to the request: a task, after ``sent``
+    returns. Either way the lost connection is a 502 and nothing stays held."""
+    from gateway import proxy
+    from gateway.accounting.accountant import Accountant
+
+    counted: list[str] = []
+    released: list[int] = []
+    real_count, real_release = Accountant.count, proxy.Proxy._release
+
+    def count(self: Accountant, model: str, *args: Any) -> Any:
+        counted.append(model)
+        return real_count(self, model, *args)
+
+    def release(self: proxy.Proxy, key_id: int, hold: Any) -> None:
+        released.append(key_id)
+        real_release(self, key_id, hold)
+
+    upstream = _WrittenThenReset(written, counted, released)
+    monkeypatch.setattr(Accountant, "count", count)
+    monkeypatch.setattr(proxy.Proxy, "_release", release)
+    monkeypatch.setattr(proxy, "upstream_for", lambda client: upstream)
+    settings = make_settings(preload_models=SEED_MODEL)  # counted on the loop from the first request
+    key = _budget_key(settings, **limits)
+    with TestClient(create_app(settings, transport=httpx.MockTransport(backend))) as client:
+        error = _assert_error(_chat(client, key, tools=SEED_TOOLS, max_tokens=40), 502, "upstream_error")
+        assert error["code"] == "upstream_error"
+        limits_now = client.get("/v1/limits", headers={"Authorization": f"Bearer {key}"}).json()
+    ((counted_then, released_then),) = upstream.seen
+    assert counted_then == ([SEED_MODEL] if written else [])
+    assert len(released_then) == (1 if written and limits else 0)
+    assert counted == [SEED_MODEL]  # counted once, either way
     assert all(w["reserved"] == 0 for w in limits_now["limits"])
 
 

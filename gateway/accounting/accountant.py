@@ -113,9 +113,17 @@ class Accountant:
         return None if encoder is None else int(encoder.count(text))
 
     async def acount(self, model: str, messages: Messages, tools: Tools | None, size: int) -> Accounting:
+        counted = self.count_inline(model, messages, tools, size)
+        return counted if counted is not None else await asyncio.to_thread(self.count, model, messages, tools)
+
+    def count_inline(
+        self, model: str, messages: Messages, tools: Tools | None, size: int
+    ) -> Accounting | None:
+        """:meth:`acount`'s answer where it is found on the event loop; None where it would hand
+        the count to a thread (raises what :meth:`count` raises)."""
         # A first use loads a tokenizer file (up to a second for tekken): never on the loop.
         if not self.registry.ready(model):
-            return await asyncio.to_thread(self.count, model, messages, tools)
+            return None
         if size <= OFFLOAD_BYTES:
             return self.count(model, messages, tools)
         left = OFFLOAD_BYTES - inline.MESSAGE_COST * len(messages)
@@ -126,7 +134,7 @@ class Accountant:
                     return self.count(model, messages, tools)
             except inline.OverBudget:
                 pass
-        return await asyncio.to_thread(self.count, model, messages, tools)
+        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -169,3 +169,16 @@ def test_a_large_tool_list_not_seen_before_is_charged_before_it_is_rendered(
     # 40 KB of tools: rendered once, in the thread, never first on the loop.
     assert len(rendered_on) == 1 and rendered_on[0] != threading.get_ident()
     assert counted == expected
+
+
+def test_count_inline_answers_what_acount_would_on_the_loop_and_nothing_where_it_needs_a_thread() -> None:
+    """The proxy counts a request just written on the spot when this answers; else in a task."""
+    acc = Accountant(Registry.load())
+    short = [{"role": "user", "content": "What is the weather?"}]
+    assert acc.count_inline(V3, short, SEED_TOOLS, 300) is None  # its tokenizer to load: a thread
+    acc.count(V3, [{"role": "user", "content": "warm the tokenizer up"}], None)
+    assert acc.count_inline(V3, short, SEED_TOOLS, 300) == acc.count(V3, short, SEED_TOOLS)
+    messages = _long_history(5)
+    assert acc.count_inline(V3, messages, SEED_TOOLS, _size(messages)) is None  # 40 KB unseen
+    acc.count(V3, messages, SEED_TOOLS)
+    assert acc.count_inline(V3, messages, SEED_TOOLS, _size(messages)) == acc.count(V3, messages, SEED_TOOLS)
