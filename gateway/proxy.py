@@ -432,7 +432,8 @@ class Proxy:
         if begun:
             return
         bounded = hold is not None and reservation is not None and price is not None
-        if written and (self._shrink_now is not None or not bounded):
+        tried = written and (self._shrink_now is not None or not bounded)
+        if tried:
             made, counted = self._count_inline(*to_count)
             if made:
                 if hold is not None and reservation is not None and price is not None:
@@ -443,10 +444,10 @@ class Proxy:
                 return
         if hold is not None and reservation is not None and price is not None:
             exact = functools.partial(_demand, size=to_count[3], max_out=max_out, price=price)
-            count = self._count_and_shrink(to_count, reservation, limits, exact, hold, rate_headers)
+            count = self._count_and_shrink(to_count, reservation, limits, exact, hold, rate_headers, tried)
             begun.append(hold.get_loop().create_task(count))  # (no getpid(), as get_running_loop costs)
         else:
-            begun.append(asyncio.create_task(self._count(*to_count)))
+            begun.append(asyncio.create_task(self._count(*to_count, tried_inline=tried)))
 
     async def _count_and_shrink(
         self,
@@ -456,11 +457,12 @@ class Proxy:
         exact: Callable[[Accounting | None], Demand],
         hold: asyncio.Future[None],
         rate_headers: list[tuple[bytes, bytes]],
+        tried_inline: bool = False,
     ) -> Accounting | None:
         """The count, and the reservation's bound traded for the demand the count gives; fills
         ``rate_headers`` from the windows the trade leaves. They are built here, while the backend
         works, as a request without a bound builds them at its reservation: not after the answer."""
-        counted = await self._count(*to_count)
+        counted = await self._count(*to_count, tried_inline=tried_inline)
         assert self._shrink is not None
         try:
             now = time.time()
@@ -492,10 +494,13 @@ class Proxy:
         if reservation.rate is not None:
             rate_headers.extend(rate_limit_headers(reservation.rate, now))
 
-    async def _count(self, model: str, messages: Any, tools: Any, size: int) -> Accounting | None:
-        """The gateway's own count of the request, or None when it cannot count this model."""
+    async def _count(
+        self, model: str, messages: Any, tools: Any, size: int, *, tried_inline: bool = False
+    ) -> Accounting | None:
+        """The gateway's own count of the request, or None when it cannot count this model
+        (``tried_inline``: :meth:`_count_inline` found it needs a thread)."""
         try:
-            return await self.accountant.acount(model, messages, tools, size)
+            return await self.accountant.acount(model, messages, tools, size, tried_inline=tried_inline)
         except Exception as exc:
             _count_failed(model, exc)
         return None

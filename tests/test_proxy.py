@@ -460,7 +460,7 @@ def _when_counted(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> tuple[li
     count = Proxy._count
     sent = [0]
 
-    async def recorded(self: Proxy, *args: Any) -> Any:
+    async def recorded(self: Proxy, *args: Any, **kwargs: Any) -> Any:
         for _ in range(100):  # counted first, the request cannot reach the backend meanwhile
             if len(backend.requests) > sent[0]:
                 break
@@ -468,7 +468,7 @@ def _when_counted(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> tuple[li
         events.append(
             "counted after the backend had it" if len(backend.requests) > sent[0] else "counted first"
         )
-        return await count(self, *args)
+        return await count(self, *args, **kwargs)
 
     monkeypatch.setattr(Proxy, "_count", recorded)
     return events, sent
@@ -581,11 +581,11 @@ def test_a_request_refused_beside_a_held_bound_is_decided_again_once_it_is_a_cou
     count = Proxy._count
     calls: list[int] = []
 
-    async def first_is_slow(self: Proxy, *args: Any) -> Any:
+    async def first_is_slow(self: Proxy, *args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         if len(calls) == 1:
             await asyncio.sleep(0.5)
-        return await count(self, *args)
+        return await count(self, *args, **kwargs)
 
     monkeypatch.setattr(Proxy, "_count", first_is_slow)
     first_sent = threading.Event()
@@ -626,10 +626,10 @@ def test_a_refusal_beside_another_replicas_bound_waits_for_its_count(
     count = Proxy._count
     slow: list[int] = []
 
-    async def first_is_slow(self: Proxy, *args: Any) -> Any:
+    async def first_is_slow(self: Proxy, *args: Any, **kwargs: Any) -> Any:
         if slow and slow.pop():
             await asyncio.sleep(0.5)
-        return await count(self, *args)
+        return await count(self, *args, **kwargs)
 
     monkeypatch.setattr(Proxy, "_count", first_is_slow)
     first_sent = threading.Event()
@@ -685,7 +685,7 @@ def test_the_count_beside_the_backend_begins_when_the_request_no_longer_needs_th
 
     counted: list[str] = []
 
-    async def count(self: proxy.Proxy, model: str, *args: Any) -> Any:
+    async def count(self: proxy.Proxy, model: str, *args: Any, **kwargs: Any) -> Any:
         counted.append(model)
         return None
 
@@ -765,6 +765,58 @@ def test_a_request_just_written_is_counted_and_its_bound_traded_before_sent_retu
     assert counted_then == ([SEED_MODEL] if written else [])
     assert len(released_then) == (1 if written and limits else 0)
     assert counted == [SEED_MODEL]  # counted once, either way
+    assert all(w["reserved"] == 0 for w in limits_now["limits"])
+
+
+@pytest.mark.parametrize("limits", [{}, {"tokens_per_day": 10_000_000}], ids=["count", "bound"])
+def test_a_long_request_the_loop_cannot_count_goes_to_a_thread_without_a_second_try(
+    make_settings: Callable[..., Settings],
+    backend: Backend,
+    monkeypatch: pytest.MonkeyPatch,
+    limits: dict[str, int],
+) -> None:
+    """A long history never seen before, just written: the count on the spot runs out of its
+    budget, and the task hands the count to a thread at once (the budget is not spent twice)."""
+    import random
+
+    from gateway import proxy
+    from gateway.accounting import accountant as accountant_module
+    from gateway.accounting.accountant import OFFLOAD_BYTES, Accountant
+
+    tries: list[str] = []
+    threads: list[str] = []
+    real_inline, real_to_thread = Accountant.count_inline, asyncio.to_thread
+
+    def count_inline(self: Accountant, model: str, *args: Any) -> Any:
+        tries.append(model)
+        return real_inline(self, model, *args)
+
+    async def to_thread(fn: Any, /, *args: Any) -> Any:
+        if getattr(fn, "__func__", None) is Accountant.count:  # (asyncio's, for every caller)
+            threads.append(args[0])
+        return await real_to_thread(fn, *args)
+
+    upstream = _WrittenThenReset(True, [], [])
+    monkeypatch.setattr(Accountant, "count_inline", count_inline)
+    monkeypatch.setattr(accountant_module.asyncio, "to_thread", to_thread)
+    monkeypatch.setattr(proxy, "upstream_for", lambda client: upstream)
+    rng = random.Random(11)
+    words = [f"w{rng.randrange(10**6)}" for _ in range(2000)]
+    history = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": " ".join(rng.choices(words, k=150))}
+        for i in range(45)
+    ]
+    assert len(json.dumps(history)) > OFFLOAD_BYTES
+    settings = make_settings(preload_models=SEED_MODEL)
+    key = _budget_key(settings, **limits)
+    with TestClient(create_app(settings, transport=httpx.MockTransport(backend))) as client:
+        payload = {"model": SEED_MODEL, "messages": history, "max_tokens": 40}
+        response = client.post(
+            "/v1/chat/completions", json=payload, headers={"Authorization": f"Bearer {key}"}
+        )
+        _assert_error(response, 502, "upstream_error")
+        limits_now = client.get("/v1/limits", headers={"Authorization": f"Bearer {key}"}).json()
+    assert tries == [SEED_MODEL] and threads == [SEED_MODEL]
     assert all(w["reserved"] == 0 for w in limits_now["limits"])
 
 

@@ -112,8 +112,12 @@ class Accountant:
         encoder = getattr(profile.format, "encoder", None)
         return None if encoder is None else int(encoder.count(text))
 
-    async def acount(self, model: str, messages: Messages, tools: Tools | None, size: int) -> Accounting:
-        counted = self.count_inline(model, messages, tools, size)
+    async def acount(
+        self, model: str, messages: Messages, tools: Tools | None, size: int, *, tried_inline: bool = False
+    ) -> Accounting:
+        """:meth:`count` on the loop where that is cheap (:meth:`count_inline`), else in a thread;
+        ``tried_inline``: the caller's :meth:`count_inline` found nothing, do not try again."""
+        counted = None if tried_inline else self.count_inline(model, messages, tools, size)
         return counted if counted is not None else await asyncio.to_thread(self.count, model, messages, tools)
 
     def count_inline(

@@ -182,3 +182,16 @@ def test_count_inline_answers_what_acount_would_on_the_loop_and_nothing_where_it
     assert acc.count_inline(V3, messages, SEED_TOOLS, _size(messages)) is None  # 40 KB unseen
     acc.count(V3, messages, SEED_TOOLS)
     assert acc.count_inline(V3, messages, SEED_TOOLS, _size(messages)) == acc.count(V3, messages, SEED_TOOLS)
+
+
+def test_acount_goes_to_a_thread_at_once_when_the_caller_tried_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    acc = Accountant(Registry.load())
+    acc.count(V3, [{"role": "user", "content": "warm the tokenizer up"}], None)
+    threads = _Threads(monkeypatch)
+    short = [{"role": "user", "content": "What is the weather?"}]
+    asyncio.run(acc.acount(V3, short, SEED_TOOLS, 300))
+    assert threads.calls == 0
+    counted = asyncio.run(acc.acount(V3, short, SEED_TOOLS, 300, tried_inline=True))
+    assert threads.calls == 1 and counted == acc.count(V3, short, SEED_TOOLS)
