@@ -13,7 +13,9 @@ its own virtualenv). Then:
 2. a concurrency sweep with wrk (1, 8, 32, 128 connections) for each of the two requests:
    throughput and p99 for each target, in interleaved rounds (the median round is kept; each
    ratio is the median of the rounds' ratios);
-3. the gateway's RSS at rest and at its peak under the load.
+3. the gateway's RSS at rest and at its peak under the load;
+4. each of the performance issue's targets judged on this run's figures (:func:`target_checks`,
+   the report's last table).
 
 Writes bench/results/overhead.{json,md}; prints progress as it goes.
 
@@ -251,6 +253,56 @@ def _litellm_version() -> str:
     return version()
 
 
+# The performance issue's targets, judged against the floor on the gateway's own client.
+FLOOR = "floor-http1"
+MAX_ADDED_P50_OVER_FLOOR_MS = 0.3
+MAX_ADDED_P99_MS = 3.0  # at concurrency 1: the sequential requests
+MIN_THROUGHPUT_OVER_FLOOR = 0.8  # at 32 connections
+MIN_THROUGHPUT_OVER_LITELLM = 5.0
+MAX_RSS_MB = 150.0
+
+
+def target_checks(result: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """Each of the issue's targets in this run: (what, the figure, the target, met)."""
+    rows: list[tuple[str, str, str, bool]] = []
+    for name, figures in result["sequential"].items():
+        if FLOOR not in figures:
+            continue
+        over = figures["gateway"]["p50_ms"] - figures[FLOOR]["p50_ms"]
+        rows.append(
+            (
+                f"{name}: added p50 over {FLOOR}",
+                f"{over:+.3f} ms",
+                f"<= {MAX_ADDED_P50_OVER_FLOOR_MS} ms",
+                over <= MAX_ADDED_P50_OVER_FLOOR_MS,
+            )
+        )
+        p99 = figures["gateway"]["added_p99_ms"]
+        rows.append(
+            (
+                f"{name}: added p99 at concurrency 1",
+                f"{p99:+.3f} ms",
+                f"<= {MAX_ADDED_P99_MS} ms",
+                p99 <= MAX_ADDED_P99_MS,
+            )
+        )
+    for name, ratios in result.get("ratios", {}).items():
+        for other, least in ((FLOOR, MIN_THROUGHPUT_OVER_FLOOR), ("litellm", MIN_THROUGHPUT_OVER_LITELLM)):
+            ratio = ratios.get(f"gateway/{other}@32")
+            if ratio is not None:
+                rows.append(
+                    (
+                        f"{name}: throughput at 32 connections / {other}",
+                        f"{ratio:.2f}x",
+                        f">= {least}x",
+                        ratio >= least,
+                    )
+                )
+    rss = result["rss_mb_after_load"]
+    rows.append(("RSS under load", f"{rss:.1f} MB", f"<= {MAX_RSS_MB:.0f} MB", rss <= MAX_RSS_MB))
+    return rows
+
+
 def report(result: dict[str, Any]) -> str:
     floors = [f"floor-{t}" for t in TRANSPORTS]
     md = [
@@ -306,6 +358,17 @@ def report(result: dict[str, Any]) -> str:
     ]
     if "litellm_version" in result:
         md.append(f"LiteLLM: {result['litellm_version']}.")
+    md += [
+        "",
+        "Against the performance issue's targets (this run):",
+        "",
+        "| target | this run | target | met |",
+        "|---|---:|---:|---|",
+        *(
+            f"| {what} | {figure} | {limit} | {'yes' if met else '**no**'} |"
+            for what, figure, limit, met in target_checks(result)
+        ),
+    ]
     return "\n".join(md) + "\n"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.overhead import CONNECTIONS, report
+from bench.overhead import CONNECTIONS, report, target_checks
 
 TARGETS = ("direct", "floor-httpx", "floor-aiohttp", "floor-http1", "gateway")
 REQUESTS = ("seed", "20 tools, 8k tokens")
@@ -51,3 +51,24 @@ def test_the_report_has_a_concurrency_table_per_request() -> None:
     assert "| 32 | 1000 | 400 | 900 | 960 | 720 | 9.50 | 0.80 | 0.80 | 0.80 |" in md
     assert "| 32 | 500 | 200 | 450 | 480 | 360 | 9.50 | 0.80 | 0.80 | 0.80 |" in md
     assert "58.0 MB at rest, 88.0 MB at most under load" in md
+
+
+def test_the_report_judges_each_target_of_the_issue() -> None:
+    result = _result()
+    seed = result["sequential"]["seed"]
+    seed["gateway"] = {**seed["gateway"], "p50_ms": 2.35, "added_p99_ms": 3.5}  # floor-http1: 2.0
+    result["ratios"]["seed"]["gateway/floor-http1@32"] = 0.75
+    result["ratios"]["seed"]["gateway/litellm@32"] = 40.0
+    result["rss_mb_after_load"] = 151.0
+    checks = {what: (figure, met) for what, figure, _, met in target_checks(result)}
+    assert checks["seed: added p50 over floor-http1"] == ("+0.350 ms", False)
+    assert checks["seed: added p99 at concurrency 1"] == ("+3.500 ms", False)
+    assert checks["20 tools, 8k tokens: added p50 over floor-http1"] == ("+0.000 ms", True)
+    assert checks["seed: throughput at 32 connections / floor-http1"] == ("0.75x", False)
+    assert checks["20 tools, 8k tokens: throughput at 32 connections / floor-http1"] == ("0.80x", True)
+    assert checks["seed: throughput at 32 connections / litellm"] == ("40.00x", True)
+    assert "20 tools, 8k tokens: throughput at 32 connections / litellm" not in checks  # not run
+    assert checks["RSS under load"] == ("151.0 MB", False)
+    md = report(result)
+    assert "| seed: added p50 over floor-http1 | +0.350 ms | <= 0.3 ms | **no** |" in md
+    assert "| RSS under load | 151.0 MB | <= 150 MB | **no** |" in md
