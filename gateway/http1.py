@@ -427,9 +427,9 @@ class Http1Transport(httpx.AsyncBaseTransport):
         unsent = conn.transport.get_write_buffer_size()
         if unsent and timeouts.get("write") is not None:
             _watch_write(conn, answer, timeouts["write"], unsent)
-        if sent is not None and not waited:
-            sent(True)  # the caller's work that needs the request on its way, not yet its answer
         try:
+            if sent is not None and not waited:
+                sent(True)  # the caller's work that needs the request on its way, not yet its answer
             await answer.head()
         except BaseException:
             await answer.aclose()  # cancelled or failed before the head: the connection goes

@@ -209,6 +209,28 @@ def test_every_framing_of_an_answer_is_read_whole(wire: bytes) -> None:
     asyncio.run(_with_server(handler, body))
 
 
+def test_a_sent_callback_that_fails_after_the_write_frees_the_connection() -> None:
+    """The caller's work in ``sent(True)`` runs after the write: should it raise, the error is
+    the caller's, and the connection, whose answer nobody will read, is closed at once (left to
+    that answer, a large one paused for its reader would hold the slot for good)."""
+    connections: list[int] = []
+
+    def fails(written: bool) -> None:
+        if written:
+            raise RuntimeError("the caller's side work broke")
+
+    async def run(url: str) -> None:
+        async with _pool(max_connections=1) as client:
+            assert await _send(client, url, b"warm") == b"warm"  # the one connection, kept
+            with pytest.raises(RuntimeError, match="side work broke"):
+                await client.send("POST", url, [], b"lost", _TIMEOUTS, fails)
+            # The only slot is free again, on a fresh connection.
+            assert await asyncio.wait_for(_send(client, url, b"next"), 2) == b"next"
+
+    asyncio.run(_with_server(_serving(_echo, connections), run))
+    assert len(connections) == 2
+
+
 def test_sent_comes_after_the_write_on_a_kept_connection_and_before_a_wait_for_one() -> None:
     """On a connection kept alive, ``sent`` comes right after the request is written. A request
     that has to wait for a connection to come free gets it before the wait, so the proxy's
