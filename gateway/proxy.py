@@ -431,23 +431,25 @@ class Proxy:
         feel it)."""
         if begun:
             return
-        bounded = hold is not None and reservation is not None and price is not None
-        tried = written and (self._shrink_now is not None or not bounded)
+        # The bound held, to trade for the count (None: the count alone).
+        held = None
+        if reservation is not None and price is not None and hold is not None:
+            held = (reservation, price, hold)
+        tried = written and (held is None or self._shrink_now is not None)
         if tried:
             made, counted = self._count_inline(*to_count)
             if made:
-                if hold is not None and reservation is not None and price is not None:
-                    self._trade_now(
-                        counted, to_count[3], reservation, limits, price, max_out, hold, rate_headers
-                    )
+                if held is not None:
+                    self._trade_now(counted, to_count[3], limits, max_out, *held, rate_headers)
                 begun.append(_Counted(counted))
                 return
-        if hold is not None and reservation is not None and price is not None:
-            exact = functools.partial(_demand, size=to_count[3], max_out=max_out, price=price)
-            count = self._count_and_shrink(to_count, reservation, limits, exact, hold, rate_headers, tried)
-            begun.append(hold.get_loop().create_task(count))  # (no getpid(), as get_running_loop costs)
-        else:
+        if held is None:
             begun.append(asyncio.create_task(self._count(*to_count, tried_inline=tried)))
+            return
+        reservation, price, hold = held
+        exact = functools.partial(_demand, size=to_count[3], max_out=max_out, price=price)
+        count = self._count_and_shrink(to_count, reservation, limits, exact, hold, rate_headers, tried)
+        begun.append(hold.get_loop().create_task(count))  # (no getpid(), as get_running_loop costs)
 
     async def _count_and_shrink(
         self,
@@ -477,10 +479,10 @@ class Proxy:
         self,
         counted: Accounting | None,
         size: int,
-        reservation: Reservation,
         limits: Limits,
-        price: Price,
         max_out: int | None,
+        reservation: Reservation,
+        price: Price,
         hold: asyncio.Future[None],
         rate_headers: list[tuple[bytes, bytes]],
     ) -> None:
