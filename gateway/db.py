@@ -15,12 +15,37 @@ from __future__ import annotations
 import abc
 import contextlib
 import sqlite3
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import sqlite_utils
+
+def _sqlite_utils() -> ModuleType:
+    """sqlite-utils, kept from importing numpy. It imports numpy where installed (mistral-common
+    installs it) only to accept numpy values, which the gateway never writes, and numpy would
+    cost every gateway process 12 MB, a tenth of a second at start and a BLAS thread pool.
+    A process that imported numpy before keeps it (and sqlite-utils sees it); numpy stays
+    importable afterwards."""
+    if "sqlite_utils" in sys.modules or "numpy" in sys.modules:
+        import sqlite_utils
+
+        return sqlite_utils
+    sys.modules["numpy"] = None  # type: ignore[assignment]  # import numpy -> ImportError
+    try:
+        import sqlite_utils
+
+        return sqlite_utils
+    finally:
+        del sys.modules["numpy"]
+
+
+if TYPE_CHECKING:
+    import sqlite_utils
+else:
+    sqlite_utils = _sqlite_utils()
 
 __all__ = [
     "ROLLUP_UPSERT",

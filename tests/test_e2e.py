@@ -183,6 +183,9 @@ def test_operator_cli_and_server_process(tmp_path: Path, emulator: ServerThread)
         client = openai.OpenAI(base_url=server.url + "/v1/openai", api_key=key, max_retries=0)
         first, _ = run_seed_example(client)
         assert first.choices[0].message.tool_calls
+        assert server.proc is not None
+        # Serving (tokenizers loaded, rows written) maps no numpy: see gateway.db._sqlite_utils.
+        assert "numpy" not in Path(f"/proc/{server.proc.pid}/maps").read_text()
         _cli("keys", "revoke", "1", "--db", db, cwd=tmp_path)
         with pytest.raises(openai.AuthenticationError):
             client.models.list()
