@@ -29,17 +29,15 @@ def _sqlite_utils() -> ModuleType:
     cost every gateway process 12 MB, a tenth of a second at start and a BLAS thread pool.
     A process that imported numpy before keeps it (and sqlite-utils sees it); numpy stays
     importable afterwards."""
-    if "sqlite_utils" in sys.modules or "numpy" in sys.modules:
-        import sqlite_utils
-
-        return sqlite_utils
-    sys.modules["numpy"] = None  # type: ignore[assignment]  # import numpy -> ImportError
+    hold_back = "sqlite_utils" not in sys.modules and "numpy" not in sys.modules
+    if hold_back:
+        sys.modules["numpy"] = None  # type: ignore[assignment]  # import numpy -> ImportError
     try:
         import sqlite_utils
-
-        return sqlite_utils
     finally:
-        del sys.modules["numpy"]
+        if hold_back:
+            del sys.modules["numpy"]
+    return sqlite_utils
 
 
 if TYPE_CHECKING:
