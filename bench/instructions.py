@@ -121,7 +121,7 @@ async def _serve(target: str, requests: int, request: str = "plain") -> float:
             headers.append((b"authorization", b"Bearer " + key.encode()))
             app = served(create_app(settings, transport=_Canned(answer)))
         # Both as served: the collector policy of `gateway serve` (the floor's server too).
-        shutdown = await _start(app)
+        shutdown = await start_lifespan(app)
         statuses: list[int] = []
 
         async def one() -> None:
@@ -139,21 +139,7 @@ async def _serve(target: str, requests: int, request: str = "plain") -> float:
                 if message["type"] == "http.response.start":
                     statuses.append(message["status"])
 
-            scope = {
-                "type": "http",
-                "asgi": {"version": "3.0"},
-                "http_version": "1.1",
-                "method": "POST",
-                "scheme": "http",
-                "path": "/v1/chat/completions",
-                "raw_path": b"/v1/chat/completions",
-                "query_string": b"",
-                "root_path": "",
-                "headers": headers,
-                "client": ("127.0.0.1", 50000),
-                "server": ("127.0.0.1", 8080),
-            }
-            await app(scope, receive, send)
+            await app(chat_scope(headers), receive, send)
 
         async def worker(n: int) -> None:
             for _ in range(n):
@@ -170,7 +156,27 @@ async def _serve(target: str, requests: int, request: str = "plain") -> float:
     return cpu
 
 
-async def _start(app: Any) -> Any:
+def chat_scope(headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """The ASGI scope of a chat completion as a server hands it to the application."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8080),
+    }
+
+
+async def start_lifespan(app: Any) -> Any:
+    """Start ``app`` through its lifespan, as a server does; returns the coroutine function
+    that shuts it down."""
     inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     await inbox.put({"type": "lifespan.startup"})

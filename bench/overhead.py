@@ -19,7 +19,13 @@ its own virtualenv). Then:
 
 Writes bench/results/overhead.{json,md}; prints progress as it goes.
 
-    python -m bench.overhead [--requests 500] [--seconds 4] [--rounds 3] [--litellm]   (needs wrk)
+    python -m bench.overhead [--requests 500] [--seconds 4] [--rounds 3] [--litellm]
+                             [--backend-cpu N]   (needs wrk)
+
+``--backend-cpu N`` runs the backend (the emulator) on CPU N alone and every other process (the
+client, the floors, the gateway, LiteLLM, wrk) on the other CPUs, as a backend on hardware of its
+own would be. Otherwise all share every CPU, and the kernel may run the backend, woken by a
+proxy's write, on that proxy's CPU, where it waits for whatever the proxy does after the write.
 """
 
 from __future__ import annotations
@@ -122,6 +128,15 @@ def _start_floor(emulator_url: str, transport: str) -> tuple[subprocess.Popen[by
     return proc, url
 
 
+def split_cpus(backend: int, allowed: set[int]) -> tuple[set[int], set[int]]:
+    """(the backend's CPU, the others') for ``--backend-cpu``, from the CPUs this process may use."""
+    if backend not in allowed:
+        raise SystemExit(f"--backend-cpu {backend}: not one of this process's CPUs {sorted(allowed)}")
+    if len(allowed) < 2:
+        raise SystemExit("--backend-cpu needs at least two CPUs: one for the backend, one for the rest")
+    return {backend}, allowed - {backend}
+
+
 def _wait_up(url: str, proc: subprocess.Popen[Any], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -149,10 +164,20 @@ def main() -> int:
         action="store_true",
         help="also LiteLLM's proxy, installed from PyPI into its own virtualenv (bench/litellm.py)",
     )
+    parser.add_argument(
+        "--backend-cpu",
+        type=int,
+        metavar="N",
+        help="run the backend on CPU N alone, everything else on the other CPUs",
+    )
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("bench.overhead needs wrk (Debian: apt-get install -y wrk)")
+    backend_cpus = None
+    if args.backend_cpu is not None:
+        backend_cpus, others = split_cpus(args.backend_cpu, os.sched_getaffinity(0))
+        os.sched_setaffinity(0, others)  # this process, and every process it starts from now on
 
     from gateway.db import open_db
     from gateway.keys import KeyStore, load_key_secret
@@ -160,8 +185,10 @@ def main() -> int:
     from tests.servers import EmulatorProcess, GatewayProcess
 
     result: dict[str, Any] = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "rounds": args.rounds}
+    if backend_cpus is not None:
+        result["backend_cpu"] = args.backend_cpu
     procs: list[subprocess.Popen[Any]] = []
-    with tempfile.TemporaryDirectory() as tmp, EmulatorProcess() as emulator:
+    with tempfile.TemporaryDirectory() as tmp, EmulatorProcess(cpus=backend_cpus) as emulator:
         settings = Settings(db=f"{tmp}/bench.db")
         _, key = KeyStore(open_db(settings.db), load_key_secret(settings)).create(
             "bench", limits=ALL_LIMITS.as_dict()
@@ -311,6 +338,11 @@ def report(result: dict[str, Any]) -> str:
         f"Python {result['python']}, {result.get('cpus')} CPUs. Added = the target's p50 (p99) minus the",
         "backend's alone; the gateway's margin is measured against each floor. Throughput: the median",
         f"of {result.get('rounds', 1)} interleaved rounds; each ratio is the median of the rounds' ratios.",
+        *(
+            [f"The backend ran on CPU {result['backend_cpu']} alone, every other process on the other CPUs."]
+            if "backend_cpu" in result
+            else []
+        ),
         "",
         "| request | target | p50 ms | p99 ms | added p50 ms | added p99 ms |",
         "|---|---|---:|---:|---:|---:|",

@@ -146,10 +146,12 @@ class GatewayProcess:
 class EmulatorProcess:
     """``gateway emulator`` in its own process, ready when the context is entered."""
 
-    def __init__(self, *args: str, timeout: float = 60) -> None:
+    def __init__(self, *args: str, timeout: float = 60, cpus: set[int] | None = None) -> None:
+        """``cpus``: the CPUs the emulator may run on (all of its threads), else any."""
         self.extra = args
         self._pick_port()
         self.timeout = timeout
+        self.cpus = cpus
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -167,7 +169,10 @@ class EmulatorProcess:
         # Its log goes to a file, not a pipe nobody reads (a full pipe would stall the emulator);
         # the process keeps writing to it after this handle is closed.
         with tempfile.TemporaryFile() as log:
-            self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=log)
+            cpus = self.cpus
+            # Set in the child before it starts: every thread it makes inherits the mask.
+            pin = None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
+            self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=pin)
             deadline = time.monotonic() + self.timeout
             while True:
                 try:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
-from bench.overhead import CONNECTIONS, report, target_checks
+import pytest
+
+from bench.overhead import CONNECTIONS, report, split_cpus, target_checks
+from tests.servers import EmulatorProcess
 
 TARGETS = ("direct", "floor-httpx", "floor-aiohttp", "floor-http1", "gateway")
 REQUESTS = ("seed", "20 tools, 8k tokens")
@@ -72,3 +77,32 @@ def test_the_report_judges_each_target_of_the_issue() -> None:
     md = report(result)
     assert "| seed: added p50 over floor-http1 | +0.350 ms | <= 0.3 ms | **no** |" in md
     assert "| RSS under load | 151.0 MB | <= 150 MB | **no** |" in md
+
+
+def test_the_report_says_where_the_backend_ran() -> None:
+    result = _result()
+    assert "The backend ran on CPU" not in report(result)
+    result["backend_cpu"] = 1
+    assert "The backend ran on CPU 1 alone, every other process on the other CPUs." in report(result)
+
+
+def test_backend_cpu_splits_this_processs_cpus() -> None:
+    assert split_cpus(1, {0, 1}) == ({1}, {0})
+    assert split_cpus(0, {0, 1, 2, 3}) == ({0}, {1, 2, 3})
+    with pytest.raises(SystemExit, match="not one of this process's CPUs"):
+        split_cpus(5, {0, 1})
+    with pytest.raises(SystemExit, match="at least two CPUs"):
+        split_cpus(0, {0})
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_a_pinned_emulator_runs_every_thread_on_its_cpu() -> None:
+    """--backend-cpu's backend: the mask is set before the emulator starts, so that the threads
+    it makes later (the loop's, the tokenizers') keep to the CPU too."""
+    cpu = max(os.sched_getaffinity(0))
+    with EmulatorProcess(cpus={cpu}) as emulator:
+        assert emulator.proc is not None
+        tasks = list(Path(f"/proc/{emulator.proc.pid}/task").iterdir())
+        assert tasks
+        for task in tasks:
+            assert os.sched_getaffinity(int(task.name)) == {cpu}
