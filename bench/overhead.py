@@ -24,8 +24,10 @@ Writes bench/results/overhead.{json,md}; prints progress as it goes.
 
 ``--backend-cpu N`` runs the backend (the emulator) on CPU N alone and every other process (the
 client, the floors, the gateway, LiteLLM, wrk) on the other CPUs, as a backend on hardware of its
-own would be. Otherwise all share every CPU, and the kernel may run the backend, woken by a
-proxy's write, on that proxy's CPU, where it waits for whatever the proxy does after the write.
+own would be. Otherwise all share every CPU, and where the kernel runs the backend, woken by a
+proxy's write, depends on what that proxy does next: on this two-core machine the backend began
+on the gateway's long request about 0.1 ms later than on the floor's (README, "The backend's
+CPU").
 """
 
 from __future__ import annotations

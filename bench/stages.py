@@ -21,11 +21,10 @@ time costs more than the work it repeats.
                            [--backend-cpu N]
 
 ``--backend-cpu N``: the emulator on CPU N alone, this process on the others (as in
-``bench.overhead``). Without it, the kernel may wake the backend on the CPU of the application that
-just wrote to it, where it waits for what that application does after the write: on this
-two-core machine, that made the backend answer the gateway's 20-tool, 8k-token request 0.13 to
-0.17 ms later than the floor's (the floor does nothing after its write), and not with the
-backend on a CPU of its own.
+``bench.overhead``). Without it, where the kernel runs the backend, woken by an application's
+write, depends on what that application does next: on this two-core machine the backend began on
+the gateway's 20-tool, 8k-token request 0.10 to 0.17 ms later than on the floor's (which does
+nothing after its write), and not with the backend on a CPU of its own.
 
 Writes ``bench/results/stages-<request>.json``.
 """
